@@ -1,0 +1,22 @@
+"""Compressors for data-parallel SGD behind one aggregator contract.
+
+    agg = compressors.make("powersgd", rank=2)
+    state = agg.init({name: shape}, workers=W, seed=0)
+    update, state = agg.aggregate(grads, state, comm)   # grads: {name: (W, *shape)} -> {name: (*shape)}
+"""
+from . import zoo_core  # noqa: F401  (registers identity and powersgd)
+from .base import Aggregator, Comm, Reduced, TheoryClaim, dtype_bits, matrix_view_shape
+from .error_feedback import ERROR_FEEDBACK_MODES, ErrorFeedback, ErrorFeedbackState
+from .identity import Identity
+from .orthogonalize import orthogonalize
+from .policies import Partition, Warmup, compose
+from .powersgd import PowerSGDKernel, PowerSGDState
+from .registry import REGISTRY, make, options_of, register
+from .state_tree import iter_states, memory_norm
+
+__all__ = [
+    "Aggregator", "Comm", "Reduced", "TheoryClaim", "dtype_bits", "matrix_view_shape",
+    "ERROR_FEEDBACK_MODES", "ErrorFeedback", "ErrorFeedbackState", "Identity", "orthogonalize",
+    "Partition", "Warmup", "compose", "PowerSGDKernel", "PowerSGDState",
+    "REGISTRY", "make", "options_of", "register", "iter_states", "memory_norm",
+]

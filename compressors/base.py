@@ -1,0 +1,130 @@
+"""The aggregator contract shared by every compressor, wrapper and policy.
+
+An aggregator turns per-worker gradients ``{name: (W, *shape)}`` into one update ``{name: (*shape)}``
+that every worker applies, communicating only through ``comm`` (a virtual or real collective).
+
+State is explicit: ``init`` builds it, ``aggregate`` returns a new one, nothing is kept on the object.
+Inputs are never mutated. Wrappers (error feedback, warm-up, partitions) nest their inner state.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple, Protocol
+
+import torch
+
+Shapes = Mapping[str, tuple[int, ...]]
+Grads = Mapping[str, torch.Tensor]
+
+TheoryClass = Literal["exact", "unbiased", "contractive", "biased"]
+
+
+class Comm(Protocol):
+    """What an aggregator may ask of the network. The leading axis of every argument is the worker axis."""
+
+    workers: int  # total number of (possibly emulated) workers
+
+    def all_reduce_mean(self, x: torch.Tensor, tag: str = "") -> torch.Tensor:
+        """(k, *s) local rows -> (*s), the mean over all workers; every worker receives the same result."""
+
+    def all_gather(self, x: torch.Tensor, tag: str = "") -> torch.Tensor:
+        """(k, *s) local rows -> (W, *s), every worker's rows in worker order."""
+
+
+class Reduced(NamedTuple):
+    """What one aggregation produced.
+
+    update: {name: (*shape)}, identical on every worker.
+    local:  {name: (k, *shape)}, each worker's own decompressed message C_i(x_i), or None when not asked for.
+            Error feedback ("local", "ef21") needs it; the mean over all workers of ``local`` equals ``update``
+            for every compressor whose decoder is linear (all-reduce compressors, top-k, QSGD, ...).
+    """
+
+    update: dict[str, torch.Tensor]
+    local: dict[str, torch.Tensor] | None
+
+
+@dataclass(frozen=True)
+class TheoryClaim:
+    """What a compressor promises, checked by the property suite against ``theory``.
+
+    kind: "exact" (C(x) = x), "unbiased" (E C(x) = x, E||C(x)-x||^2 <= omega ||x||^2),
+          "contractive" (||C(x)-x||^2 <= (1-delta) ||x||^2, deterministic or in expectation),
+          "biased" (neither: e.g. plain sign, whose scale is arbitrary).
+    """
+
+    kind: TheoryClass
+    omega: float | None = None
+    delta: float | None = None
+    deterministic: bool = True
+
+
+class Aggregator(ABC):
+    """Base class of every registered compressor. Subclasses implement ``init``, ``reduce`` and ``bits_per_step``."""
+
+    name: str = "aggregator"
+    #: True if the aggregate needs only all-reduce (no all-gather).
+    all_reducible: bool = True
+
+    @abstractmethod
+    def init(self, shapes: Shapes, workers: int, seed: int = 0) -> Any:
+        """The initial state for tensors of the given shapes, shared by ``workers`` workers."""
+
+    @abstractmethod
+    def reduce(self, grads: Grads, state: Any, comm: Comm, want_local: bool = False) -> tuple[Reduced, Any]:
+        """One aggregation. ``want_local`` asks for each worker's own decompressed message as well."""
+
+    @abstractmethod
+    def bits_per_step(self, shapes: Shapes) -> float:
+        """Payload bits one worker sends per step, after any warm-up (averaged over a cycle if it alternates)."""
+
+    def aggregate(self, grads: Grads, state: Any, comm: Comm) -> tuple[dict[str, torch.Tensor], Any]:
+        reduced, state = self.reduce(grads, state, comm, want_local=False)
+        return reduced.update, state
+
+    def theory(self, shapes: Shapes) -> TheoryClaim:
+        """The operator class this compressor claims on tensors of these shapes (see ``theory.operators``)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no theory class")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def dtype_bits(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size() * 8
+
+
+def matrix_view_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The matrix a tensor is compressed as: shape[0] x prod(shape[1:]) (a conv kernel is out x in*kh*kw)."""
+    if len(shape) == 0:
+        return (1, 1)
+    rows = shape[0]
+    cols = 1
+    for s in shape[1:]:
+        cols *= s
+    return (rows, cols)
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def check_grads(owner: str, grads: Grads, expected: Shapes | None = None) -> int:
+    """Every gradient has the same leading worker axis (and the shapes of ``expected``); returns its size."""
+    if not grads:
+        return 0
+    sizes = {g.shape[0] if g.dim() > 0 else None for g in grads.values()}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(f"{owner}: grads must all carry the same leading worker axis, got sizes {sizes}")
+    if expected is not None:
+        for name, g in grads.items():
+            if name not in expected:
+                raise ValueError(f"{owner}: grads has a tensor {name!r} that init() was not told about")
+            if tuple(g.shape[1:]) != tuple(expected[name]):
+                raise ValueError(f"{owner}: grads[{name!r}] has shape {tuple(g.shape[1:])}, init() was told {tuple(expected[name])}")
+    return sizes.pop()

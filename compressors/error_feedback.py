@@ -1,0 +1,79 @@
+"""Error feedback as a wrapper around any aggregator.
+
+Modes (same option name on every compressor, ``error_feedback=``):
+
+- ``"none"``: no memory; the compressor's error is simply lost.
+- ``"local"``: each worker keeps its own residual e_i <- x_i - C_i(x_i), with x_i = g_i + e_i and C_i the
+  worker's own decompressed message (EF-SGD, Stich & Karimireddy 2019; PowerSGD paper, Algorithm 2).
+- ``"averaged"``: each worker keeps e_i <- x_i - mean_j C_j(x_j), the residual against the aggregated
+  update, as the PowerSGD paper's code and the ``powersgd`` package do.
+- ``"ef21"``: each worker keeps an estimate g_i and sends c_i = C(grad_i - g_i); g_i <- g_i + c_i and the
+  update is g <- g + mean c_i, so g = mean_i g_i always (Richtarik, Sokolov, Fatkhullin 2021).
+
+Conservation (local and averaged, linear decoders): sum_t update_t + mean_i e_i = sum_t mean_i g_i.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .base import Aggregator, Reduced, TheoryClaim, check_grads
+from .options import check_choice
+
+ERROR_FEEDBACK_MODES = ("none", "local", "averaged", "ef21")
+
+
+class ErrorFeedbackState(NamedTuple):
+    memory: dict[str, torch.Tensor]  # (k, *shape): residual e_i ("local"/"averaged") or estimate g_i ("ef21")
+    estimate: dict[str, torch.Tensor]  # (*shape): ef21's global g = mean_i g_i; empty for the other modes
+    inner: object
+
+
+class ErrorFeedback(Aggregator):
+    def __init__(self, inner: Aggregator, mode: str = "local"):
+        self.mode = check_choice(type(inner).__name__, "error_feedback", mode, ERROR_FEEDBACK_MODES[1:])
+        self.inner = inner
+        self.all_reducible = inner.all_reducible
+        self.name = inner.name
+
+    def init(self, shapes, workers, seed=0, dtype=torch.float32, device="cpu"):
+        memory = {n: torch.zeros((workers, *s), dtype=dtype, device=device) for n, s in shapes.items()}
+        estimate = {n: torch.zeros(s, dtype=dtype, device=device) for n, s in shapes.items()} if self.mode == "ef21" else {}
+        return ErrorFeedbackState(memory, estimate, self.inner.init(shapes, workers, seed, dtype=dtype, device=device))
+
+    def reduce(self, grads, state, comm, want_local=False):
+        check_grads("error_feedback", grads)
+        if self.mode == "ef21":
+            return self._reduce_ef21(grads, state, comm, want_local)
+        corrected = {n: g + state.memory[n].to(g.dtype) for n, g in grads.items()}  # x_i = g_i + e_i
+        need_local = want_local or self.mode == "local"
+        reduced, inner_state = self.inner.reduce(corrected, state.inner, comm, want_local=need_local)
+        if self.mode == "local":
+            memory = {n: (x - reduced.local[n]).to(state.memory[n].dtype) for n, x in corrected.items()}
+        else:  # averaged: residual against the update every worker applies
+            memory = {n: (x - reduced.update[n]).to(state.memory[n].dtype) for n, x in corrected.items()}
+        return reduced, ErrorFeedbackState(memory, state.estimate, inner_state)
+
+    def _reduce_ef21(self, grads, state, comm, want_local):
+        differences = {n: g - state.memory[n].to(g.dtype) for n, g in grads.items()}  # grad_i - g_i
+        reduced, inner_state = self.inner.reduce(differences, state.inner, comm, want_local=True)
+        memory = {n: (state.memory[n] + reduced.local[n].to(state.memory[n].dtype)) for n in grads}
+        estimate = {n: state.estimate[n] + reduced.update[n].to(state.estimate[n].dtype) for n in grads}
+        update = {n: estimate[n].to(grads[n].dtype) for n in grads}
+        local = {n: memory[n].to(grads[n].dtype) for n in grads} if want_local else None
+        return Reduced(update, local), ErrorFeedbackState(memory, estimate, inner_state)
+
+    def bits_per_step(self, shapes, **kwargs):
+        return self.inner.bits_per_step(shapes, **kwargs)
+
+    def theory(self, shapes):
+        return self.inner.theory(shapes)
+
+    def __repr__(self):
+        return f"ErrorFeedback({self.inner!r}, mode={self.mode!r})"
+
+
+def with_error_feedback(inner: Aggregator, mode: str) -> Aggregator:
+    check_choice(type(inner).__name__, "error_feedback", mode, ERROR_FEEDBACK_MODES)
+    return inner if mode == "none" else ErrorFeedback(inner, mode)

@@ -1,0 +1,187 @@
+"""PowerSGD (Vogels, Karimireddy, Jaggi, NeurIPS 2019): rank-r power iteration, all-reduce only.
+
+Two variants:
+- ``"paper"`` (paper Algorithm 1): per iteration P_i = M_i Q, P = mean P_i, P^ = orth(P), Q_i = M_i^T P^,
+  Q = mean Q_i; update P^ Q^T = P^ P^^T mean(M). Warm start reuses Q across steps.
+- ``"alternating"`` (the authors' later ``powersgd`` package): one factor per iteration, alternating
+  between left and right multiplications across iterations and steps; each iteration compresses what the
+  previous ones left (R_i <- R_i - approximation). Warm start reuses both factors.
+
+Every same-shape matrix of every worker goes through one batched matmul: M is (W, G, n, m) per group of
+G same-shape matrices, the shared factor (G, m, r) broadcasts over workers. Each iteration is one packed
+all-reduce over all groups. This kernel has no error feedback, warm-up or vector policy: ``make`` composes
+those around it.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .base import Aggregator, Reduced, TheoryClaim, check_grads, dtype_bits, matrix_view_shape
+from .orthogonalize import orthogonalize
+from .packing import pack, unpack
+
+VARIANTS = ("paper", "alternating")
+
+
+class PowerSGDState(NamedTuple):
+    step: int  # compressed steps taken so far (the alternating variant's parity)
+    rng: torch.Tensor  # state of the generator shared by all workers (uint8)
+    p: dict[str, torch.Tensor]  # per group: (G, n, r), the last P (orthonormal in "paper")
+    q: dict[str, torch.Tensor]  # per group: (G, m, r), the last Q (warm start)
+
+
+class Group(NamedTuple):
+    key: str
+    names: tuple[str, ...]
+    n: int
+    m: int
+    rank: int
+
+
+def group_by_matrix_shape(shapes, rank: int) -> list[Group]:
+    """Same matrix-view shapes batch together; the effective rank is capped at min(n, m)."""
+    members: dict[tuple[int, int], list[str]] = {}
+    for name, shape in shapes.items():
+        members.setdefault(matrix_view_shape(tuple(shape)), []).append(name)
+    return [Group(f"{n}x{m}", tuple(names), n, m, min(rank, n, m)) for (n, m), names in members.items()]
+
+
+class PowerSGDKernel(Aggregator):
+    name = "powersgd"
+    all_reducible = True
+
+    def __init__(self, rank: int, num_iters_per_step: int = 1, warm_start: bool = True, variant: str = "paper",
+                 orthogonalization: str = "qr", epsilon: float = 1e-8, seed: int | None = None):
+        self.rank = rank
+        self.num_iters_per_step = num_iters_per_step
+        self.warm_start = warm_start
+        self.variant = variant
+        self.orthogonalization = orthogonalization
+        self.epsilon = epsilon
+        self.seed = seed
+
+    # -- state -------------------------------------------------------------------------------------------
+    def init(self, shapes, workers, seed=0, dtype=torch.float32, device="cpu"):
+        generator = torch.Generator().manual_seed(seed if self.seed is None else self.seed)
+        p, q = {}, {}
+        for group in group_by_matrix_shape(shapes, self.rank):
+            g = len(group.names)
+            # Drawn on the CPU from one seeded generator: identical on every worker and every device.
+            p[group.key] = torch.randn((g, group.n, group.rank), generator=generator).to(dtype=dtype, device=device)
+            q[group.key] = torch.randn((g, group.m, group.rank), generator=generator).to(dtype=dtype, device=device)
+        return PowerSGDState(0, generator.get_state(), p, q)
+
+    # -- one step ----------------------------------------------------------------------------------------
+    def reduce(self, grads, state, comm, want_local=False):
+        workers = check_grads("powersgd", grads)
+        groups = group_by_matrix_shape({n: g.shape[1:] for n, g in grads.items()}, self.rank)
+        generator = torch.Generator().manual_seed(0)
+        generator.set_state(state.rng)
+        matrices = {gr.key: torch.stack([grads[n].reshape(workers, gr.n, gr.m) for n in gr.names], dim=1)
+                    for gr in groups}  # (W, G, n, m); a copy, so the caller's gradients are never touched
+        if self.variant == "paper":
+            update, local, p, q = self._paper(groups, matrices, state, generator, comm, want_local)
+        else:
+            update, local, p, q = self._alternating(groups, matrices, state, generator, comm, want_local)
+        new_state = PowerSGDState(state.step + 1, generator.get_state(), p, q)
+        return Reduced(self._unstack(groups, update, grads), self._unstack(groups, local, grads, workers)
+                       if want_local else None), new_state
+
+    def _fresh(self, shape, generator, like):
+        return torch.randn(shape, generator=generator).to(dtype=like.dtype, device=like.device)
+
+    def _orth(self, x):
+        return orthogonalize(x, self.orthogonalization, self.epsilon)
+
+    def _all_reduce(self, factors: dict[str, torch.Tensor], comm, tag: str) -> dict[str, torch.Tensor]:
+        """All groups' local factors (W, G, a, r) in one collective -> their means (G, a, r)."""
+        out: dict[str, torch.Tensor] = {}
+        for buffer, layout in pack(factors):
+            out.update(unpack(comm.all_reduce_mean(buffer, tag=tag), layout))
+        return out
+
+    def _paper(self, groups, matrices, state, generator, comm, want_local):
+        q = {}
+        for gr in groups:
+            like = matrices[gr.key]
+            q[gr.key] = (state.q[gr.key].to(like.dtype) if self.warm_start
+                         else self._fresh((len(gr.names), gr.m, gr.rank), generator, like))
+        p_hat, q_local = {}, {}
+        for _ in range(self.num_iters_per_step):
+            p_local = {k: torch.matmul(matrices[k], q[k]) for k in q}  # (W, G, n, r)
+            p_mean = self._all_reduce(p_local, comm, "powersgd.p")
+            p_hat = {k: self._orth(v) for k, v in p_mean.items()}  # (G, n, r)
+            q_local = {k: torch.matmul(matrices[k].transpose(-1, -2), p_hat[k]) for k in q}  # (W, G, m, r)
+            q = self._all_reduce(q_local, comm, "powersgd.q")  # (G, m, r)
+        update = {k: torch.matmul(p_hat[k], q[k].transpose(-1, -2)) for k in q}  # (G, n, m)
+        local = ({k: torch.matmul(p_hat[k], q_local[k].transpose(-1, -2)) for k in q}  # (W, G, n, m)
+                 if want_local else None)
+        return update, local, p_hat, (q if self.warm_start else state.q)
+
+    def _alternating(self, groups, matrices, state, generator, comm, want_local):
+        p = {gr.key: state.p[gr.key].to(matrices[gr.key].dtype) for gr in groups}
+        q = {gr.key: state.q[gr.key].to(matrices[gr.key].dtype) for gr in groups}
+        residual = dict(matrices)  # R_i: what is left to compress on each worker
+        update = {k: torch.zeros_like(m[0]) for k, m in matrices.items()}  # (G, n, m)
+        local = {k: torch.zeros_like(m) for k, m in matrices.items()} if want_local else None
+        for it in range(self.num_iters_per_step):
+            left = (state.step * self.num_iters_per_step + it) % 2 == 0  # even: Q in, P out
+            inputs = q if left else p
+            if it == 0 and not self.warm_start:
+                inputs = {k: self._fresh(v.shape, generator, v) for k, v in inputs.items()}
+            inputs = {k: self._orth(v) for k, v in inputs.items()}
+            if left:  # P_i = R_i Q^, approximation P Q^^T
+                out_local = {k: torch.matmul(residual[k], inputs[k]) for k in inputs}
+            else:  # Q_i = R_i^T P^, approximation P^ Q^T
+                out_local = {k: torch.matmul(residual[k].transpose(-1, -2), inputs[k]) for k in inputs}
+            out = self._all_reduce(out_local, comm, "powersgd.p" if left else "powersgd.q")
+            for k in inputs:
+                a, b = (out[k], inputs[k]) if left else (inputs[k], out[k])
+                approx = torch.matmul(a, b.transpose(-1, -2))  # (G, n, m)
+                residual[k] = residual[k] - approx
+                update[k] = update[k] + approx
+                if want_local:
+                    la, lb = (out_local[k], inputs[k]) if left else (inputs[k], out_local[k])
+                    local[k] = local[k] + torch.matmul(la, lb.transpose(-1, -2))
+            if left:
+                q, p = inputs, out
+            else:
+                p, q = inputs, out
+        return update, local, p, q
+
+    @staticmethod
+    def _unstack(groups, batched, grads, workers=None):
+        out = {}
+        for gr in groups:
+            for index, name in enumerate(gr.names):
+                shape = grads[name].shape[1:]
+                t = batched[gr.key][..., index, :, :]
+                out[name] = t.reshape(shape) if workers is None else t.reshape(workers, *shape)
+        return {name: out[name] for name in grads}
+
+    # -- accounting --------------------------------------------------------------------------------------
+    def bits_per_step(self, shapes, dtype=torch.float32):
+        """Paper: T r (n + m) elements per matrix per step. Alternating: one factor per iteration, so
+        T r (n + m) / 2 on average over two steps (exact per step when T is even)."""
+        elements = 0
+        for gr in group_by_matrix_shape(shapes, self.rank):
+            elements += len(gr.names) * gr.rank * (gr.n + gr.m)
+        elements *= self.num_iters_per_step
+        bits = elements * dtype_bits(dtype)
+        return bits if self.variant == "paper" else bits / 2
+
+    def theory(self, shapes):
+        # Projection onto an r-dimensional subspace: ||C(x) - x|| <= ||x|| (delta >= 0), with
+        # delta >= r/min(n, m) in expectation for a random subspace; no deterministic delta > 0 holds.
+        smallest = min((min(matrix_view_shape(tuple(s))) for s in shapes.values()), default=1)
+        full = all(self.rank >= min(matrix_view_shape(tuple(s))) for s in shapes.values())
+        if full and self.variant == "paper":
+            return TheoryClaim(kind="exact", omega=0.0, delta=1.0)
+        return TheoryClaim(kind="contractive", delta=min(1.0, self.rank / smallest), deterministic=False)
+
+    def __repr__(self):
+        return (f"PowerSGDKernel(rank={self.rank}, num_iters_per_step={self.num_iters_per_step}, "
+                f"warm_start={self.warm_start}, variant={self.variant!r}, "
+                f"orthogonalization={self.orthogonalization!r})")

@@ -1,0 +1,1 @@
+"""The N-worker simulator (being written)."""
