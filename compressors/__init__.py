@@ -13,6 +13,8 @@ from .policies import Partition, Warmup, compose
 from .powersgd import PowerSGDKernel, PowerSGDState
 from .registry import REGISTRY, make, options_of, register
 from .state_tree import iter_states, memory_norm
+from .ddp_hook import HookState, ddp_comm_hook
+from .package_api import Config, PowerSGD, optimizer_step
 
 __all__ = [
     "Aggregator", "Comm", "Reduced", "TheoryClaim", "dtype_bits", "matrix_view_shape",
@@ -20,3 +22,4 @@ __all__ = [
     "Partition", "Warmup", "compose", "PowerSGDKernel", "PowerSGDState",
     "REGISTRY", "make", "options_of", "register", "iter_states", "memory_norm",
 ]
+__all__ += ["HookState", "ddp_comm_hook", "Config", "PowerSGD", "optimizer_step"]

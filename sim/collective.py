@@ -28,12 +28,18 @@ class Ledger:
 
     keep_records: bool = True
     records: list[LedgerRecord] = field(default_factory=list)
+    step_records: list[LedgerRecord] = field(default_factory=list)  # since the last begin_step(), always kept
     calls: int = 0
     total_bits: int = 0
+
+    def begin_step(self) -> None:
+        """Start a new step: ``step_records`` then holds only this step's collectives (for pricing)."""
+        self.step_records = []
 
     def add(self, record: LedgerRecord) -> None:
         self.calls += 1
         self.total_bits += record.bits
+        self.step_records.append(record)
         if self.keep_records:
             self.records.append(record)
 

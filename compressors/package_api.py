@@ -1,0 +1,121 @@
+"""The original ``powersgd`` package's API (epfml/powersgd), running this project's kernels.
+
+    powersgd = compressors.PowerSGD(list(model.parameters()), config=compressors.Config(
+        rank=1, min_compression_rate=10, num_iters_per_step=2, start_compressing_after_num_steps=0))
+    for batch in data:
+        optimizer.zero_grad()          # optional: the result is the same with or without it
+        loss(model, batch).backward()
+        compressors.optimizer_step(optimizer, powersgd)
+
+Semantics of the package: the alternating variant (one factor per iteration, warm start of both factors),
+a tensor is compressed iff dense / compressed size > min_compression_rate (decided on the matrix view
+shape[0] x prod(shape[1:]), where the package used the raw shape: identical for matrices), the first
+``start_compressing_after_num_steps`` steps are exact all-reduces, and each worker keeps the residual of its
+own gradient against the *averaged* approximation (``error_feedback="averaged"``; uncompressed tensors keep
+none). Unlike the package, the residual lives in this object's state, not in ``p.grad``: ``optimizer_step``
+leaves every ``p.grad`` zeroed, so a loop with or without ``zero_grad`` gives the same result.
+
+Without an initialized process group the world is one process; under ``torch.distributed`` gradients are
+averaged over the default group (or ``process_group``).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .ddp_hook import from_plain, to_plain
+from .options import check_choice, check_float, check_int
+from .orthogonalize import ORTHOGONALIZATIONS
+from .registry import make
+
+_ORTH_ALIASES = {"gram-schmidt": "gram_schmidt"}  # the package's spelling
+
+
+@dataclass(frozen=True)
+class Config:
+    """The package's Config, with its defaults (``rank`` has none there either)."""
+
+    rank: int
+    min_compression_rate: float = 2
+    num_iters_per_step: int = 1
+    start_compressing_after_num_steps: int = 100
+    orthogonalization: str = "qr"
+    seed: int = 0
+
+    def __post_init__(self):
+        check_int("Config", "rank", self.rank, minimum=1)
+        check_float("Config", "min_compression_rate", self.min_compression_rate, minimum=0.0)
+        check_int("Config", "num_iters_per_step", self.num_iters_per_step, minimum=1)
+        check_int("Config", "start_compressing_after_num_steps", self.start_compressing_after_num_steps, minimum=0)
+        orth = _ORTH_ALIASES.get(self.orthogonalization, self.orthogonalization)
+        check_choice("Config", "orthogonalization", orth, ORTHOGONALIZATIONS)
+        object.__setattr__(self, "orthogonalization", orth)
+        check_int("Config", "seed", self.seed, minimum=0)
+
+
+class PowerSGD:
+    """``aggregate(gradients) -> averaged approximations``, one list entry per parameter given at construction."""
+
+    def __init__(self, params: Iterable[torch.Tensor], config: Config, process_group=None, timeout: float = 60.0):
+        self.params = list(params)
+        if not self.params:
+            raise ValueError("PowerSGD: params is invalid; allowed: a non-empty list of parameters")
+        if not isinstance(config, Config):
+            raise ValueError(f"PowerSGD: config={config!r} is invalid; allowed: a compressors.Config")
+        self.config = config
+        self.aggregator = make("powersgd", rank=config.rank, num_iters_per_step=config.num_iters_per_step,
+                               variant="alternating", warm_start=True, orthogonalization=config.orthogonalization,
+                               min_compression_rate=float(config.min_compression_rate),
+                               start_compressing_after_num_steps=config.start_compressing_after_num_steps,
+                               error_feedback="averaged")
+        self.names = [str(i) for i in range(len(self.params))]
+        first = self.params[0]
+        self.state = self.aggregator.init({n: tuple(p.shape) for n, p in zip(self.names, self.params)}, workers=1,
+                                          seed=config.seed, dtype=first.dtype, device=first.device)
+        self.comm = _collective(process_group, timeout)
+
+    def aggregate(self, gradients: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """The averaged (compressed) gradients; ``None`` counts as zero. Inputs are not modified."""
+        if len(gradients) != len(self.params):
+            raise ValueError(f"PowerSGD.aggregate: gradients has {len(gradients)} entries; allowed: one per "
+                             f"parameter ({len(self.params)})")
+        grads = {n: (g if g is not None else torch.zeros_like(p)).unsqueeze(0)  # (1, *shape)
+                 for n, g, p in zip(self.names, gradients, self.params)}
+        self.comm.ledger.begin_step()  # step_records: this step's collectives only (flat memory)
+        update, self.state = self.aggregator.aggregate(grads, self.state, self.comm)
+        return [update[n] for n in self.names]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": to_plain(self.state)}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.state = from_plain(saved["state"])
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, aggregator: PowerSGD) -> None:
+    """Aggregate the gradients, step with the aggregate as ``p.grad``, then leave every ``p.grad`` zeroed."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    known = {id(p) for p in aggregator.params}
+    if {id(p) for p in params} != known or len(params) != len(known):
+        raise ValueError("optimizer_step: optimizer is invalid; allowed: an optimizer over exactly the parameters "
+                         "given to PowerSGD(params, ...)")
+    grads = [p.grad for p in aggregator.params]
+    averaged = aggregator.aggregate(grads)
+    for p, g in zip(aggregator.params, averaged):
+        p.grad = g
+    optimizer.step()
+    for p, g in zip(aggregator.params, grads):  # hand back the caller's buffers, zeroed: memory is in our state
+        p.grad = g.zero_() if g is not None else None
+
+
+def _collective(process_group, timeout: float):
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        from sim.distributed_collective import DistributedCollective
+        return DistributedCollective(1, group=process_group, timeout=timeout, keep_records=False)
+    from sim.collective import VirtualCollective
+    return VirtualCollective(1, keep_records=False)  # totals only: a training loop runs for long

@@ -1,0 +1,122 @@
+"""``Experiment``: everything that defines a simulated run, validated at construction.
+
+Frozen: derive variants with ``experiment.replace(**fields)`` or ``experiment.with_overrides({"compressor.rank": 2})``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import compressors
+from compressors.options import (check_bool, check_choice, check_float, check_int, check_known_options, invalid)
+from .engine import ENGINES
+from .sharding import SHARDINGS
+from .tasks import validate_task
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+NONFINITE_POLICIES = ("raise", "skip_step")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    task: str = "digits-mlp"
+    workers: int = 8
+    steps: int = 300
+    batch_size: int = 32  # per worker
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_milestones: tuple[int, ...] = ()
+    lr_decay: float = 0.1
+    compressor: Mapping[str, Any] = field(default_factory=lambda: {"name": "identity"})
+    task_options: Mapping[str, Any] = field(default_factory=dict)
+    sharding: str = "iid"
+    label_skew_alpha: float = 0.5  # Dirichlet concentration for sharding="label_skew"; smaller is more skewed
+    seed: int = 0
+    eval_every: int = 50  # evaluate on the test split every this many steps (and at the last step); 0: last only
+    log_every: int = 1
+    engine: str = "vmap"
+    dtype: str = "float32"
+    network: Any = None  # None, a preset name, a dict or a sim.cost.Network: adds a `sim_time` column
+    nonfinite: str = "raise"  # NaN/Inf gradients: "raise" or "skip_step" (drop the step, keep state clean)
+
+    def __post_init__(self):
+        own = "Experiment"
+        validate_task(self.task, dict(self.task_options))
+        check_int(own, "workers", self.workers, minimum=1)
+        check_int(own, "steps", self.steps, minimum=1)
+        check_int(own, "batch_size", self.batch_size, minimum=1)
+        check_float(own, "lr", self.lr, minimum=0.0, min_inclusive=False)
+        check_float(own, "momentum", self.momentum, minimum=0.0, maximum=1.0, max_inclusive=False)
+        check_bool(own, "nesterov", self.nesterov)
+        if self.nesterov and self.momentum == 0:
+            raise invalid(own, "nesterov", True, "False when momentum == 0 (Nesterov needs momentum)")
+        check_float(own, "weight_decay", self.weight_decay, minimum=0.0)
+        check_int(own, "lr_warmup_steps", self.lr_warmup_steps, minimum=0)
+        milestones = self.lr_milestones
+        if not isinstance(milestones, (list, tuple)) or not all(
+                isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in milestones):
+            raise invalid(own, "lr_milestones", milestones, "a list of step numbers >= 0")
+        object.__setattr__(self, "lr_milestones", tuple(sorted(milestones)))
+        check_float(own, "lr_decay", self.lr_decay, minimum=0.0, maximum=1.0, min_inclusive=False)
+        self._check_compressor()
+        check_choice(own, "sharding", self.sharding, SHARDINGS)
+        check_float(own, "label_skew_alpha", self.label_skew_alpha, minimum=0.0, min_inclusive=False)
+        check_int(own, "seed", self.seed, minimum=0)
+        check_int(own, "eval_every", self.eval_every, minimum=0)
+        check_int(own, "log_every", self.log_every, minimum=1)
+        check_choice(own, "engine", self.engine, ENGINES)
+        check_choice(own, "dtype", self.dtype, DTYPES)
+        check_choice(own, "nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        if self.network is not None:
+            from .cost import resolve_network  # the cost model validates its own fields
+            resolve_network(self.network)
+
+    def _check_compressor(self):
+        spec = self.compressor
+        if not isinstance(spec, Mapping) or "name" not in spec:
+            raise invalid("Experiment", "compressor", spec, 'a mapping with a "name" key, e.g. {"name": "powersgd", "rank": 2}')
+        object.__setattr__(self, "compressor", dict(spec))
+        object.__setattr__(self, "task_options", dict(self.task_options))
+        self.make_compressor()  # raises ValueError naming the bad option
+
+    def make_compressor(self) -> compressors.Aggregator:
+        options = {k: v for k, v in self.compressor.items() if k != "name"}
+        return compressors.make(self.compressor["name"], **options)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def replace(self, **changes) -> "Experiment":
+        return dataclasses.replace(self, **changes)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "Experiment":
+        """Apply dotted keys: "lr", "compressor.rank", "task_options.hidden" ("compressor.name" switches it)."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        changes: dict[str, Any] = {}
+        for key, value in overrides.items():
+            head, _, rest = key.partition(".")
+            check_known_options("Experiment", [head], fields)
+            if rest:
+                if head not in ("compressor", "task_options"):
+                    raise invalid("Experiment", key, value, "dotted keys only under 'compressor.' and 'task_options.'")
+                nested = changes.setdefault(head, copy.deepcopy(dict(getattr(self, head))))
+                nested[rest] = value
+            else:
+                changes[head] = value
+        return self.replace(**changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["lr_milestones"] = list(self.lr_milestones)
+        if self.network is not None and not isinstance(self.network, (str, dict)):
+            out["network"] = dataclasses.asdict(self.network) if dataclasses.is_dataclass(self.network) else repr(self.network)
+        return out

@@ -1,0 +1,187 @@
+"""``sim.run(experiment) -> Result``: N data-parallel workers in one process.
+
+One step: each worker's batch -> per-worker gradients (W, *shape) -> non-finite check -> aggregator (through
+``comm``, which records every collective) -> SGD on the shared parameters -> metrics. Everything the loop
+carries is in ``TrainState``, so a checkpoint is that record and a resumed run continues bitwise.
+
+The same loop runs on real processes: ``comm`` is then a torch.distributed collective and ``local_workers``
+the global worker ids this process emulates (``sim.run_distributed``).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+import compressors
+from .collective import VirtualCollective
+from .engine import evaluate, make_engine
+from .experiment import Experiment
+from .models import build
+from .optim import SGD, SGDState, learning_rate
+from .result import Result
+from .sharding import BatchSampler, make_shards
+from .tasks import Task, load_task
+
+Tensors = dict[str, torch.Tensor]
+
+
+class TrainState(NamedTuple):
+    step: int  # steps completed
+    params: Tensors  # (*shape), one copy shared by all workers
+    buffers: Tensors  # (k, *shape), per worker
+    optimizer: SGDState
+    aggregator: Any  # the compressor's nested state
+    bits: int  # cumulative payload bits sent per worker
+    skipped_steps: int  # steps dropped by nonfinite="skip_step"
+    sim_time: float  # cumulative simulated seconds (0 without a network)
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A worker produced a NaN/Inf gradient and the experiment's policy is nonfinite="raise"."""
+
+
+class Simulation:
+    """The pieces of a run built from an Experiment (task data, model, engine, aggregator, sampler)."""
+
+    def __init__(self, experiment: Experiment, comm=None, local_workers: range | None = None):
+        self.experiment = e = experiment
+        self.comm = comm if comm is not None else VirtualCollective(e.workers)
+        if self.comm.workers != e.workers:
+            raise ValueError(f"run: comm.workers={self.comm.workers} does not match Experiment.workers={e.workers}")
+        self.local_workers = local_workers if local_workers is not None else range(e.workers)
+        self.task: Task = load_task(e.task, dict(e.task_options), e.torch_dtype)
+        generator = torch.Generator().manual_seed(e.seed)
+        self.model = build(self.task.model, generator, dtype=e.torch_dtype)
+        self.engine = make_engine(e.engine, self.model, self.task.loss)
+        self.aggregator = e.make_compressor()
+        self.optimizer = SGD(e.momentum, e.nesterov, e.weight_decay)
+        shards = make_shards(self.task.labels if self.task.labels is not None else torch.zeros(len(self.task.train_x)),
+                             e.workers, e.sharding, e.label_skew_alpha, e.seed)
+        self.sampler = BatchSampler(shards, e.batch_size, e.seed)
+        self.shapes = {name: tuple(p.shape) for name, p in self.model.named_parameters()}
+        self.network = None
+        if e.network is not None:
+            from .cost import resolve_network
+            self.network = resolve_network(e.network)
+
+    def initial_state(self) -> TrainState:
+        e = self.experiment
+        params = {name: p.detach().clone() for name, p in self.model.named_parameters()}
+        if self.task.zero_init:
+            params = {name: torch.zeros_like(p) for name, p in params.items()}
+        k = len(self.local_workers)
+        buffers = {name: b.detach().unsqueeze(0).repeat(k, *([1] * b.dim())) for name, b in self.model.named_buffers()}
+        agg_state = self.aggregator.init(self.shapes, workers=k, seed=e.seed, dtype=e.torch_dtype)
+        return TrainState(0, params, buffers, self.optimizer.init(params), agg_state, 0, 0, 0.0)
+
+    # -- one step ----------------------------------------------------------------------------------------
+    def step(self, state: TrainState) -> tuple[TrainState, dict[str, float]]:
+        e, comm = self.experiment, self.comm
+        indices = self.sampler.batch(self.local_workers, state.step)  # (k, B)
+        x, y = self.task.train_x[indices], self.task.train_y[indices]
+        grads, losses, buffers = self.engine.gradients(state.params, state.buffers, x, y)
+        metrics = {"step": state.step + 1, "lr": learning_rate(state.step, e.lr, e.lr_warmup_steps,
+                                                                e.lr_milestones, e.lr_decay)}
+        metrics["train_loss"] = self._average(float(losses.mean()))
+        bad = self._nonfinite(grads)
+        if bad:
+            if e.nonfinite == "raise":
+                raise NonFiniteGradientError(f"step {state.step + 1}: non-finite gradient in {bad} "
+                                             f"(Experiment.nonfinite='raise'; use 'skip_step' to drop such steps)")
+            skipped = state._replace(step=state.step + 1, skipped_steps=state.skipped_steps + 1)
+            metrics.update(bits=state.bits, compression_error=math.nan, memory_norm=math.nan,
+                           skipped_steps=skipped.skipped_steps)
+            return skipped, metrics
+        comm.ledger.begin_step()
+        update, agg_state = self.aggregator.aggregate(grads, state.aggregator, comm)
+        params, opt_state = self.optimizer.step(state.params, update, state.optimizer, metrics["lr"])
+        bits = state.bits + sum(r.bits for r in comm.ledger.step_records)
+        sim_time = state.sim_time
+        if self.network is not None:
+            from .cost import price_step
+            sim_time += price_step(self.network, comm.ledger.step_records, e.workers)
+            metrics["sim_time"] = sim_time
+        metrics.update(bits=bits, compression_error=self._compression_error(grads, update),
+                       memory_norm=self._memory_norm(agg_state), skipped_steps=state.skipped_steps)
+        return TrainState(state.step + 1, params, buffers, opt_state, agg_state, bits,
+                          state.skipped_steps, sim_time), metrics
+
+    def evaluate(self, state: TrainState) -> tuple[float, float]:
+        """Test loss and accuracy with this process's first worker's BatchNorm statistics (worker 0 on rank 0,
+        like DDP's broadcast_buffers)."""
+        buffers = {name: b[0] for name, b in state.buffers.items()}
+        return evaluate(self.model, state.params, buffers, self.task.test_x, self.task.test_y, self.task.loss,
+                        self.task.classification)
+
+    # -- metrics -----------------------------------------------------------------------------------------
+    def _average(self, value: float) -> float:
+        average = getattr(self.comm, "average_metric", None)  # real processes: average over processes
+        return average(value) if average is not None else value
+
+    def _global_mean(self, g: torch.Tensor) -> torch.Tensor:
+        """The exact mean gradient over all workers, without a ledger record (it is a measurement)."""
+        untracked = getattr(self.comm, "average_untracked", None)
+        return untracked(g) if untracked is not None else g.sum(0) / g.shape[0]
+
+    def _compression_error(self, grads: Tensors, update: Tensors) -> float:
+        """||update - mean_i g_i|| / ||mean_i g_i|| over all parameters (0 for the exact mean)."""
+        err, ref = 0.0, 0.0
+        for name, g in grads.items():
+            exact = self._global_mean(g).double()
+            err += float((update[name].double() - exact).pow(2).sum())
+            ref += float(exact.pow(2).sum())
+        return math.sqrt(err / ref) if ref > 0 else math.sqrt(err)
+
+    def _memory_norm(self, agg_state) -> float:
+        return math.sqrt(self._average(compressors.memory_norm(agg_state) ** 2))
+
+    @staticmethod
+    def _nonfinite(grads: Tensors) -> list[str]:
+        return [name for name, g in grads.items() if not bool(torch.isfinite(g).all())]
+
+
+def _should_eval(experiment: Experiment, step: int) -> bool:
+    return step == experiment.steps or (experiment.eval_every > 0 and step % experiment.eval_every == 0)
+
+
+def run(experiment: Experiment, *, comm=None, local_workers: range | None = None, progress: bool = False,
+        simulation: Simulation | None = None, state: TrainState | None = None,
+        on_step=None) -> Result:
+    """Run an experiment; returns its Result. ``on_step(simulation, state)`` is called after every step
+    (checkpointing hooks here); ``state`` resumes from a TrainState."""
+    import pandas as pd
+
+    sim = simulation if simulation is not None else Simulation(experiment, comm, local_workers)
+    state = state if state is not None else sim.initial_state()
+    rows: list[dict[str, float]] = []
+    started = time.perf_counter()
+    steps = range(state.step, experiment.steps)
+    for _ in tqdm(steps, disable=not progress, desc=experiment.compressor.get("name", ""), leave=False):
+        state, metrics = sim.step(state)
+        logged = state.step % experiment.log_every == 0 or state.step == experiment.steps
+        if _should_eval(experiment, state.step):
+            metrics["test_loss"], metrics["test_accuracy"] = sim.evaluate(state)
+            logged = True
+        if logged:
+            rows.append(metrics)
+        if on_step is not None:
+            on_step(sim, state)
+    history = pd.DataFrame(rows, columns=_columns(rows))
+    dense = compressors.Identity().bits_per_step(sim.shapes, dtype=experiment.torch_dtype)
+    declared = sim.aggregator.bits_per_step(sim.shapes, dtype=experiment.torch_dtype)
+    return Result(experiment, history, state.params, state.buffers, declared, dense,
+                  time.perf_counter() - started, extras={"final_state": state})
+
+
+HISTORY_COLUMNS = ["step", "lr", "train_loss", "test_loss", "test_accuracy", "bits", "compression_error",
+                   "memory_norm", "skipped_steps", "sim_time"]
+
+
+def _columns(rows: list[dict[str, float]]) -> list[str]:
+    present = {key for row in rows for key in row}
+    return [c for c in HISTORY_COLUMNS if c in present or c in HISTORY_COLUMNS[:9]] + sorted(
+        present - set(HISTORY_COLUMNS))
