@@ -5,6 +5,7 @@
     update, state = agg.aggregate(grads, state, comm)   # grads: {name: (W, *shape)} -> {name: (*shape)}
 """
 from . import zoo_core  # noqa: F401  (registers identity and powersgd)
+from . import zoo  # noqa: F401  (registers the compressor zoo: fp16, topk, sign, qsgd, svd, ...)
 from .base import Aggregator, Comm, Reduced, TheoryClaim, dtype_bits, matrix_view_shape
 from .error_feedback import ERROR_FEEDBACK_MODES, ErrorFeedback, ErrorFeedbackState
 from .identity import Identity

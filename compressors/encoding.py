@@ -47,7 +47,7 @@ def packed_numel(d: int, bits_each: int) -> int:
 
 def generator_from(state: torch.Tensor) -> torch.Generator:
     generator = torch.Generator()
-    generator.set_state(state)
+    generator.set_state(state.clone())  # a row of a stacked state is a view: set_state needs its own storage
     return generator
 
 
@@ -56,22 +56,28 @@ def shared_generator_state(seed: int) -> torch.Tensor:
     return torch.Generator().manual_seed(seed).get_state()
 
 
-def private_generator_states(seed: int, workers: int) -> torch.Tensor:
-    """(W, L) uint8: one independent generator per worker (private randomness: stochastic rounding), seeded
-    from a master generator so the whole set is a function of ``seed``."""
-    master = torch.Generator().manual_seed(seed)
-    seeds = torch.randint(0, 2 ** 62, (workers,), generator=master)
-    return torch.stack([torch.Generator().manual_seed(int(s)).get_state() for s in seeds])
+MASK64 = (1 << 64) - 1
 
 
-def private_uniform(states: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W, *shape) uniforms in [0, 1), row i from worker i's own generator; returns the advanced states.
+def splitmix64(x: int) -> int:
+    """One step of SplitMix64 (Steele, Lea, Flood 2014): a bijective 64-bit mixer for deriving seeds."""
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
 
-    Drawn on the CPU in float64 (then cast) so a seed gives the same numbers on every device and dtype."""
-    generators = [generator_from(s) for s in states]
-    draws = torch.stack([torch.rand(shape, generator=g, dtype=torch.float64) for g in generators])
-    return draws.to(dtype=dtype, device=device), torch.stack([g.get_state() for g in generators])
+
+def private_seed(seed: int, worker: int, step: int) -> int:
+    """The seed of worker ``worker``'s private generator at ``step``: a hash of (seed, worker, step), so private
+    randomness depends only on the global worker index, never on how workers are laid out on processes."""
+    return splitmix64(splitmix64(splitmix64(seed) ^ worker) ^ step) >> 1  # manual_seed takes < 2^63
+
+
+def private_generators(seed: int, step: int, comm, rows: int) -> list[torch.Generator]:
+    """One generator per local row, for the global workers ``comm.local_workers`` (0..rows-1 when virtual)."""
+    workers = getattr(comm, "local_workers", None)
+    workers = list(workers) if workers is not None and len(workers) == rows else list(range(rows))
+    return [torch.Generator().manual_seed(private_seed(seed, w, step)) for w in workers]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -110,7 +116,7 @@ class GatherKernel(Aggregator):
     def init(self, shapes, workers, seed=0, dtype=torch.float32, device="cpu"):
         return ()
 
-    def begin(self, state):
+    def begin(self, state, comm, rows: int):
         """Hook: state -> working state for one step (e.g. generators); ``finish`` turns it back."""
         return state
 
@@ -119,7 +125,7 @@ class GatherKernel(Aggregator):
 
     def reduce(self, grads, state, comm, want_local=False):
         workers = check_grads(self.name, grads)
-        work = self.begin(state)
+        work = self.begin(state, comm, workers)
         encoded: dict[str, list[torch.Tensor]] = {}
         for name, g in grads.items():
             encoded[name], work = self.encode(g, work, name)

@@ -49,10 +49,13 @@ class ErrorFeedback(Aggregator):
         corrected = {n: g + state.memory[n].to(g.dtype) for n, g in grads.items()}  # x_i = g_i + e_i
         need_local = want_local or self.mode == "local"
         reduced, inner_state = self.inner.reduce(corrected, state.inner, comm, want_local=need_local)
-        if self.mode == "local":
-            memory = {n: (x - reduced.local[n]).to(state.memory[n].dtype) for n, x in corrected.items()}
-        else:  # averaged: residual against the update every worker applies
-            memory = {n: (x - reduced.update[n]).to(state.memory[n].dtype) for n, x in corrected.items()}
+        against = reduced.local if self.mode == "local" else reduced.update  # averaged: the update all apply
+        if not want_local:
+            # x_i is this wrapper's own temporary and nothing returned aliases it once ``local`` is dropped:
+            # the residual overwrites it (same values as x - C, one allocation of W copies less).
+            memory = {n: _residual_into(x, against[n], state.memory[n].dtype) for n, x in corrected.items()}
+            return Reduced(reduced.update, None), ErrorFeedbackState(memory, state.estimate, inner_state)
+        memory = {n: (x - against[n]).to(state.memory[n].dtype) for n, x in corrected.items()}
         return reduced, ErrorFeedbackState(memory, state.estimate, inner_state)
 
     def _reduce_ef21(self, grads, state, comm, want_local):
@@ -72,6 +75,13 @@ class ErrorFeedback(Aggregator):
 
     def __repr__(self):
         return f"ErrorFeedback({self.inner!r}, mode={self.mode!r})"
+
+
+def _residual_into(x: torch.Tensor, approximation: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x - approximation, written into x when the result keeps x's dtype and shape (else a new tensor)."""
+    if x.dtype == dtype and approximation.dtype == dtype and torch.broadcast_shapes(x.shape, approximation.shape) == x.shape:
+        return torch.sub(x, approximation, out=x)
+    return (x - approximation).to(dtype)
 
 
 def with_error_feedback(inner: Aggregator, mode: str) -> Aggregator:

@@ -11,6 +11,9 @@ from collections.abc import Iterable
 from typing import Any
 
 
+MAX_SEED = 2 ** 63 - 1  # torch.Generator.manual_seed and seed arithmetic need a signed 64-bit integer
+
+
 def invalid(owner: str, field: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"{owner}: {field}={value!r} is invalid; allowed: {allowed}")
 

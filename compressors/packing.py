@@ -26,6 +26,6 @@ def unpack(flat: torch.Tensor, layout: list[tuple[str, torch.Size]]) -> dict[str
     lead = flat.shape[:-1]
     for name, shape in layout:
         size = shape.numel()
-        out[name] = flat[..., offset:offset + size].reshape(*lead, *shape)
+        out[name] = flat[..., offset:offset + size].reshape((*lead, *shape))  # a tuple: shape () works
         offset += size
     return out

@@ -48,6 +48,27 @@ def group_by_matrix_shape(shapes, rank: int) -> list[Group]:
     return [Group(f"{n}x{m}", tuple(names), n, m, min(rank, n, m)) for (n, m), names in members.items()]
 
 
+def keep_nonzero(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per matrix, a factor that came out all zero (a zero gradient) keeps its previous value.
+
+    Why: warm start multiplies the next gradient by the stored factor; a zero factor gives P = M 0 = 0, and
+    Gram-Schmidt keeps zero columns zero, so every later update would be zero (silently stuck).
+    """
+    return {k: torch.where(v.abs().amax(dim=(-2, -1), keepdim=True) == 0, old[k].to(v.dtype), v)
+            for k, v in new.items()}
+
+
+def _batch(grads, group: Group, workers: int) -> torch.Tensor:
+    """A group's matrices of every worker, (W, G, n, m), contiguous (the layout ``torch.stack`` gives).
+
+    A group of one matrix is a view of the gradient (no copy: saves a pass over W copies of it); nothing
+    downstream writes into ``matrices``, so the caller's gradients are never touched either way.
+    """
+    if len(group.names) == 1:
+        return grads[group.names[0]].reshape(workers, group.n, group.m).contiguous().unsqueeze(1)
+    return torch.stack([grads[n].reshape(workers, group.n, group.m) for n in group.names], dim=1)
+
+
 class PowerSGDKernel(Aggregator):
     name = "powersgd"
     all_reducible = True
@@ -79,8 +100,7 @@ class PowerSGDKernel(Aggregator):
         groups = group_by_matrix_shape({n: g.shape[1:] for n, g in grads.items()}, self.rank)
         generator = torch.Generator().manual_seed(0)
         generator.set_state(state.rng)
-        matrices = {gr.key: torch.stack([grads[n].reshape(workers, gr.n, gr.m) for n in gr.names], dim=1)
-                    for gr in groups}  # (W, G, n, m); a copy, so the caller's gradients are never touched
+        matrices = {gr.key: _batch(grads, gr, workers) for gr in groups}  # (W, G, n, m), never written to
         if self.variant == "paper":
             update, local, p, q = self._paper(groups, matrices, state, generator, comm, want_local)
         else:
@@ -118,7 +138,7 @@ class PowerSGDKernel(Aggregator):
         update = {k: torch.matmul(p_hat[k], q[k].transpose(-1, -2)) for k in q}  # (G, n, m)
         local = ({k: torch.matmul(p_hat[k], q_local[k].transpose(-1, -2)) for k in q}  # (W, G, n, m)
                  if want_local else None)
-        return update, local, p_hat, (q if self.warm_start else state.q)
+        return update, local, p_hat, (keep_nonzero(q, state.q) if self.warm_start else state.q)
 
     def _alternating(self, groups, matrices, state, generator, comm, want_local):
         p = {gr.key: state.p[gr.key].to(matrices[gr.key].dtype) for gr in groups}
@@ -149,7 +169,7 @@ class PowerSGDKernel(Aggregator):
                 q, p = inputs, out
             else:
                 p, q = inputs, out
-        return update, local, p, q
+        return update, local, keep_nonzero(p, state.p), keep_nonzero(q, state.q)
 
     @staticmethod
     def _unstack(groups, batched, grads, workers=None):
@@ -175,11 +195,12 @@ class PowerSGDKernel(Aggregator):
     def theory(self, shapes):
         # Projection onto an r-dimensional subspace: ||C(x) - x|| <= ||x|| (delta >= 0), with
         # delta >= r/min(n, m) in expectation for a random subspace; no deterministic delta > 0 holds.
-        smallest = min((min(matrix_view_shape(tuple(s))) for s in shapes.values()), default=1)
+        # the worst tensor (largest min(n, m)) sets delta: tensor by tensor, delta is the smallest per-tensor one
+        largest = max((min(matrix_view_shape(tuple(s))) for s in shapes.values()), default=1)
         full = all(self.rank >= min(matrix_view_shape(tuple(s))) for s in shapes.values())
         if full and self.variant == "paper":
             return TheoryClaim(kind="exact", omega=0.0, delta=1.0)
-        return TheoryClaim(kind="contractive", delta=min(1.0, self.rank / smallest), deterministic=False)
+        return TheoryClaim(kind="contractive", delta=min(1.0, self.rank / largest), deterministic=False)
 
     def __repr__(self):
         return (f"PowerSGDKernel(rank={self.rank}, num_iters_per_step={self.num_iters_per_step}, "

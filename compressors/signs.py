@@ -98,8 +98,8 @@ class Signum(Sign):
     def init(self, shapes, workers, seed=0, dtype=torch.float32, device="cpu"):
         return SignumState({n: torch.zeros((workers, *s), dtype=dtype, device=device) for n, s in shapes.items()})
 
-    def begin(self, state):
-        return SignumState(dict(state.momentum))
+    def begin(self, state, comm, rows):
+        return SignumState(dict(state.momentum))  # a fresh dict: the caller's state is never mutated
 
     def encode(self, x, state, name):
         m = self.beta * state.momentum[name].to(x.dtype) + (1 - self.beta) * x  # (W, *shape)

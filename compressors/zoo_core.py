@@ -4,7 +4,7 @@ from __future__ import annotations
 from .base import Aggregator
 from .error_feedback import ERROR_FEEDBACK_MODES
 from .identity import Identity
-from .options import check_bool, check_choice, check_float, check_int
+from .options import MAX_SEED, check_bool, check_choice, check_float, check_int
 from .orthogonalize import ORTHOGONALIZATIONS
 from .policies import compose
 from .powersgd import VARIANTS, PowerSGDKernel
@@ -39,7 +39,7 @@ def make_powersgd(*, rank: int = 1, num_iters_per_step: int = 1, warm_start: boo
     check_float(owner, "epsilon", epsilon, minimum=0.0)
     check_policies(owner, error_feedback, min_compression_rate, start_compressing_after_num_steps)
     if seed is not None:
-        check_int(owner, "seed", seed, minimum=0)
+        check_int(owner, "seed", seed, minimum=0, maximum=MAX_SEED)
     kernel = PowerSGDKernel(rank, num_iters_per_step, warm_start, variant, orthogonalization, epsilon, seed)
     return compose(kernel, error_feedback=error_feedback, min_compression_rate=min_compression_rate,
                    start_compressing_after_num_steps=start_compressing_after_num_steps)

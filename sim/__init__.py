@@ -10,6 +10,12 @@ from .result import Result
 from .run import NonFiniteGradientError, Simulation, TrainState, run
 from .sweep import sweep
 from .cost import time_to_accuracy, whatif
+from .distributed import run_distributed
+from .distributed_collective import DistributedCollective
 
 __all__ = ["Ledger", "LedgerRecord", "VirtualCollective", "Experiment", "Result", "NonFiniteGradientError",
            "Simulation", "TrainState", "run", "sweep", "whatif", "time_to_accuracy"]
+__all__ += ["run_distributed", "DistributedCollective"]
+from . import checkpoint  # noqa: F401  (sim.checkpoint.latest/load/save; sim.run(checkpoint_dir=, resume_from=))
+from . import plot  # noqa: F401  (sim.plot.plot_metric/plot_grid; matplotlib is imported only when drawing)
+from .store import load_results; __all__ += ["load_results"]  # noqa: E702  (results dirs: sim.store, python -m sim sweep)

@@ -24,7 +24,11 @@ class LedgerRecord:
 
 @dataclass
 class Ledger:
-    """Records of collectives. ``keep_records=False`` keeps only totals (flat memory on long runs)."""
+    """Records of collectives. ``keep_records=False`` keeps only totals (flat memory on long runs).
+
+    ``step_records`` holds the records since the last ``begin_step()`` whatever ``keep_records`` says (the
+    cost model prices a step from them); a loop that never calls ``begin_step()`` should keep records anyway.
+    """
 
     keep_records: bool = True
     records: list[LedgerRecord] = field(default_factory=list)

@@ -6,13 +6,12 @@ results/demo/summary.csv, results/demo/history.csv and results/demo/accuracy.png
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
 from .experiment import Experiment
+from .io import write_atomically  # re-exported: older code imports it from here
 from .run import run
 
 DEFAULT = Experiment(task="digits-cnn", workers=8, steps=300, batch_size=32, lr=0.05, momentum=0.9,
@@ -27,19 +26,6 @@ COMPRESSORS = [
 
 def label(spec: dict) -> str:
     return spec["name"] if "rank" not in spec else f"{spec['name']} r={spec['rank']}"
-
-
-def write_atomically(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def main(argv=None) -> pd.DataFrame:

@@ -52,6 +52,9 @@ class DistributedCollective:
         self.workers = workers_per_process * self.world
         self.timeout = float(timeout)
         self.ledger = Ledger(keep_records=keep_records)
+        # NCCL moves only CUDA tensors: CPU inputs (the CPU simulator under NCCL) travel via the current GPU.
+        nccl = dist.get_backend(group) == "nccl"
+        self._wire = torch.device("cuda", torch.cuda.current_device()) if nccl else None
 
     @property
     def local_workers(self) -> range:
@@ -81,36 +84,44 @@ class DistributedCollective:
         """(k, *s) -> (*s): local row sum, one real SUM all-reduce, then / (k * world)."""
         self._check("all_reduce_mean", x)
         self.ledger.add(payload_record("all_reduce", x, self.workers, tag))
-        total = x.sum(dim=0).contiguous()  # (*s); for k = 1 exactly x[0]
-        self._wait("all_reduce_mean", tag,
-                   lambda: dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
-        return total / self.workers
+        return self._sum(x, "all_reduce_mean", tag) / self.workers
+
+    def _sum(self, x: torch.Tensor, op: str, tag: str) -> torch.Tensor:
+        total = self._to_wire(x.sum(dim=0))  # (*s); for k = 1 exactly x[0]
+        self._wait(op, tag, lambda: dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
+        return total.to(x.device)
+
+    def _to_wire(self, x: torch.Tensor) -> torch.Tensor:
+        if self._wire is not None and x.device != self._wire:
+            return x.to(self._wire).contiguous()
+        return x.contiguous()
 
     def all_gather(self, x: torch.Tensor, tag: str = "") -> torch.Tensor:
         """(k, *s) -> (k * world, *s): every process receives every worker's rows, in global worker order."""
         self._check("all_gather", x)
         self.ledger.add(payload_record("all_gather", x, self.workers, tag))
-        local = x.contiguous()
-        out = torch.empty((self.workers, *x.shape[1:]), dtype=x.dtype, device=x.device)  # (W, *s)
-        self._wait("all_gather", tag, lambda: dist.all_gather_single(out, local, group=self.group, async_op=True))
-        return out
+        return self._gather(x, "all_gather", tag)
+
+    def _gather(self, x: torch.Tensor, op: str, tag: str) -> torch.Tensor:
+        local = self._to_wire(x)
+        out = torch.empty((self.workers, *x.shape[1:]), dtype=x.dtype, device=local.device)  # (W, *s)
+        self._wait(op, tag, lambda: dist.all_gather_single(out, local, group=self.group, async_op=True))
+        return out.to(x.device)
+
+    def gather_untracked(self, x: torch.Tensor) -> torch.Tensor:
+        """(k, *s) -> (W, *s) like ``all_gather`` without a ledger record (results, diagnostics)."""
+        self._check("gather_untracked", x)
+        return self._gather(x, "gather_untracked", "result")
 
     def average_untracked(self, x: torch.Tensor) -> torch.Tensor:
         """(k, *s) -> (*s): the same mean as ``all_reduce_mean`` without a ledger record (a measurement)."""
         self._check("average_untracked", x)
-        total = x.sum(dim=0).contiguous()  # (*s)
-        self._wait("average_untracked", "metric",
-                   lambda: dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
-        return total / self.workers
+        return self._sum(x, "average_untracked", "metric") / self.workers
 
     def average_metric(self, value: float) -> float:
         """The mean of a python float over processes (float64 on the wire); no ledger record."""
-        backend = dist.get_backend(self.group)
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        buffer = torch.tensor([float(value)], dtype=torch.float64, device=device)
-        self._wait("average_metric", "metric",
-                   lambda: dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
-        return float(buffer.item()) / self.world
+        buffer = torch.tensor([float(value)], dtype=torch.float64)  # (1,): one row, this process
+        return float(self._sum(buffer.unsqueeze(0), "average_metric", "metric").item()) / self.world
 
     def barrier(self) -> None:
         """Wait for every process (a tiny all-reduce, so it obeys the same timeout); no ledger record."""

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 import compressors
-from compressors.options import (check_bool, check_choice, check_float, check_int, check_known_options, invalid)
+from compressors.options import (MAX_SEED, check_bool, check_choice, check_float, check_int, check_known_options,
+                                  invalid)
 from .engine import ENGINES
 from .sharding import SHARDINGS
 from .tasks import validate_task
@@ -46,9 +47,12 @@ class Experiment:
     dtype: str = "float32"
     network: Any = None  # None, a preset name, a dict or a sim.cost.Network: adds a `sim_time` column
     nonfinite: str = "raise"  # NaN/Inf gradients: "raise" or "skip_step" (drop the step, keep state clean)
+    keep_ledger: bool = False  # keep every ledger record of the run's collective; False: totals only (flat memory)
 
     def __post_init__(self):
         own = "Experiment"
+        if not isinstance(self.task_options, Mapping):
+            raise invalid(own, "task_options", self.task_options, "a mapping of option names to values")
         validate_task(self.task, dict(self.task_options))
         check_int(own, "workers", self.workers, minimum=1)
         check_int(own, "steps", self.steps, minimum=1)
@@ -69,12 +73,13 @@ class Experiment:
         self._check_compressor()
         check_choice(own, "sharding", self.sharding, SHARDINGS)
         check_float(own, "label_skew_alpha", self.label_skew_alpha, minimum=0.0, min_inclusive=False)
-        check_int(own, "seed", self.seed, minimum=0)
+        check_int(own, "seed", self.seed, minimum=0, maximum=MAX_SEED)
         check_int(own, "eval_every", self.eval_every, minimum=0)
         check_int(own, "log_every", self.log_every, minimum=1)
         check_choice(own, "engine", self.engine, ENGINES)
         check_choice(own, "dtype", self.dtype, DTYPES)
         check_choice(own, "nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        check_bool(own, "keep_ledger", self.keep_ledger)
         if self.network is not None:
             from .cost import resolve_network  # the cost model validates its own fields
             resolve_network(self.network)
@@ -83,6 +88,8 @@ class Experiment:
         spec = self.compressor
         if not isinstance(spec, Mapping) or "name" not in spec:
             raise invalid("Experiment", "compressor", spec, 'a mapping with a "name" key, e.g. {"name": "powersgd", "rank": 2}')
+        if not all(isinstance(key, str) for key in spec):
+            raise invalid("Experiment", "compressor", spec, "a mapping whose keys are option names (strings)")
         object.__setattr__(self, "compressor", dict(spec))
         object.__setattr__(self, "task_options", dict(self.task_options))
         self.make_compressor()  # raises ValueError naming the bad option
@@ -90,6 +97,14 @@ class Experiment:
     def make_compressor(self) -> compressors.Aggregator:
         options = {k: v for k, v in self.compressor.items() if k != "name"}
         return compressors.make(self.compressor["name"], **options)
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> "Experiment":
+        """From plain data (a JSON/YAML config file): unknown keys raise ValueError naming the closest field."""
+        if not isinstance(config, Mapping):
+            raise invalid("Experiment", "config", config, "a mapping of Experiment field names to values")
+        check_known_options("Experiment", config, [f.name for f in dataclasses.fields(cls)])
+        return cls(**config)
 
     @property
     def torch_dtype(self) -> torch.dtype:

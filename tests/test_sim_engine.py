@@ -30,7 +30,7 @@ def test_vmap_engine_equals_loop_engine_with_batchnorm():
 @pytest.mark.parametrize("compressor", [{"name": "identity"}, {"name": "powersgd", "rank": 2},
                                         {"name": "powersgd", "rank": 1, "variant": "alternating"}])
 def test_whole_runs_vmap_equal_loop(compressor):
-    base = sim.Experiment(task="digits-cnn", workers=3, steps=6, batch_size=8, eval_every=3,
+    base = sim.Experiment(task="digits-cnn", workers=3, steps=3, batch_size=4, eval_every=3,
                           compressor=compressor, dtype="float64")
     fast = sim.run(base)
     slow = sim.run(base.replace(engine="loop"))
@@ -42,6 +42,7 @@ def test_whole_runs_vmap_equal_loop(compressor):
 
 def test_identity_with_w_workers_equals_single_process_big_batch_sgd():
     e = sim.Experiment(task="digits-mlp", workers=4, steps=50, batch_size=8, lr=0.05, momentum=0.9,
+                       task_options={"hidden": (32, 32)}, eval_every=0,
                        nesterov=True, weight_decay=1e-3, dtype="float64", compressor={"name": "identity"})
     result = sim.run(e)
 
@@ -61,8 +62,8 @@ def test_identity_with_w_workers_equals_single_process_big_batch_sgd():
 
 
 def test_same_seed_gives_bitwise_identical_history_and_other_seed_differs():
-    e = sim.Experiment(task="digits-mlp", workers=4, steps=8, batch_size=8, eval_every=4,
-                       compressor={"name": "powersgd", "rank": 2, "warm_start": False})
+    e = sim.Experiment(task="digits-mlp", workers=4, steps=4, batch_size=8, eval_every=2,
+                       task_options={"hidden": (32,)}, compressor={"name": "powersgd", "rank": 2, "warm_start": False})
     a, b = sim.run(e), sim.run(e)
     assert a.history.equals(b.history)
     assert all(torch.equal(a.params[n], b.params[n]) for n in a.params)

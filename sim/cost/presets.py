@@ -26,6 +26,8 @@ may name the intra-node link by preset: ``{"preset": "ethernet-10g", "devices_pe
 """
 from __future__ import annotations
 
+import json
+
 from .network import GBIT, GBYTE, Network
 
 US = 1e-6
@@ -70,7 +72,11 @@ def resolve_network(value) -> Network:
         return value
     if isinstance(value, str):
         if value.endswith(".json"):
-            return Network.load(value)
+            try:
+                return Network.load(value)
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:  # missing, unreadable, not JSON
+                raise ValueError(f"network: network={value!r} is invalid; allowed: a readable JSON Network file "
+                                 f"({type(error).__name__}: {error})") from error
         return preset(value)
     if isinstance(value, dict):
         data = dict(value)

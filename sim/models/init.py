@@ -29,6 +29,9 @@ def _uniform_(tensor: torch.Tensor, bound: float, generator: torch.Generator) ->
 def init_parameters(module: nn.Module, generator: torch.Generator) -> None:
     """PyTorch's defaults: kaiming-uniform(a=sqrt 5) weights and fan-in uniform biases for Linear/Conv,
     ones/zeros for norms, N(0, 1) embeddings, U(-1/sqrt h, 1/sqrt h) for recurrent layers."""
+    with torch.no_grad():  # to_empty leaves garbage: a parameter no rule below covers (a tied decoder's bias) is 0
+        for p in module.parameters():
+            p.zero_()
     for sub in module.modules():
         if isinstance(sub, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             fan_in = sub.weight[0].numel()

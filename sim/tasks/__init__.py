@@ -14,6 +14,9 @@ from compressors.options import check_choice, check_known_options
 from .base import Task
 from .digits import digits_cnn_task, digits_mlp_task, validate_digits_options
 from .synthetic import synthetic_lowrank_task, validate_synthetic_options
+from .charlm import charlm_task, validate_charlm_options
+from .cifar10 import cifar10_task, validate_cifar_options
+from .wikitext2 import validate_wikitext2_options, wikitext2_task
 
 TaskLoader = Callable[..., Task]
 TASK_REGISTRY: dict[str, TaskLoader] = {}
@@ -46,5 +49,8 @@ def load_task(name: str, options: dict, dtype: torch.dtype) -> Task:
 register_task("digits-mlp", digits_mlp_task, validate_digits_options)
 register_task("digits-cnn", digits_cnn_task, validate_digits_options)
 register_task("synthetic-lowrank", synthetic_lowrank_task, validate_synthetic_options)
+register_task("charlm-lstm", charlm_task, validate_charlm_options)
+register_task("cifar10-resnet18", cifar10_task, validate_cifar_options)
+register_task("wikitext2-lstm", wikitext2_task, validate_wikitext2_options)
 
 __all__ = ["Task", "TASK_REGISTRY", "register_task", "task_options", "load_task", "validate_task"]

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from ..models import digits_cnn, mlp
-from compressors.options import check_int
+from compressors.options import MAX_SEED, check_int
 from .base import Task, cross_entropy
 
 TEST_FRACTION = 0.2
@@ -25,7 +25,7 @@ def load_digits_split(split_seed: int, dtype: torch.dtype):
 
 def validate_digits_options(options: dict) -> None:
     if "split_seed" in options:
-        check_int("Experiment.task_options", "split_seed", options["split_seed"], minimum=0)
+        check_int("Experiment.task_options", "split_seed", options["split_seed"], minimum=0, maximum=MAX_SEED)
     hidden = options.get("hidden", (1,))
     if not isinstance(hidden, (list, tuple)) or not hidden or not all(
             isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..models import linear
-from compressors.options import check_float, check_int
+from compressors.options import MAX_SEED, check_float, check_int
 from .base import Task, half_squared_error
 
 
@@ -36,8 +36,8 @@ def validate_synthetic_options(options: dict) -> None:
         if key in options:
             check_int(owner, key, options[key], minimum=1)
     if "split_seed" in options:
-        check_int(owner, "split_seed", options["split_seed"], minimum=0)
+        check_int(owner, "split_seed", options["split_seed"], minimum=0, maximum=MAX_SEED)
     if "spectrum_decay" in options:
         check_float(owner, "spectrum_decay", options["spectrum_decay"], minimum=0.0, maximum=1.0, min_inclusive=False)
     if "noise" in options:
-        check_float(owner, "noise", options["noise"], minimum=0.0)
+        check_float(owner, "noise", options["noise"], minimum=0.0, maximum=1e6)  # larger overflows the loss

@@ -1,0 +1,59 @@
+"""Before/after of each hot-path optimization, side by side on the same tensors (interleaved, medians).
+
+Each pair computes bitwise the same result (asserted here); the tensors have the shapes of the
+``mlp-4x1024`` step at W = 16: three (16, 1024, 1024) gradients, the per-worker sizes that dominate it.
+"""
+from __future__ import annotations
+
+import torch
+
+from compressors.error_feedback import _residual_into
+from compressors.powersgd import Group, _batch
+from sim.run import _all_finite
+from .timing import fmt_ms, interleaved, median, ratio_of_medians, table
+
+W, N = 16, 1024
+
+
+def _pairs(x: torch.Tensor, y: torch.Tensor) -> dict[str, tuple]:
+    grads = {"w": x}
+    group = Group("1024x1024", ("w",), N, N, 2)
+
+    def norm_before():
+        return float(x.double().pow(2).sum())
+
+    def norm_after():
+        squares = x.to(torch.float64, copy=True)
+        return float(squares.mul_(squares).sum())
+
+    def ef_after():
+        scratch = x + y  # the error-feedback wrapper's own x_i = g_i + e_i, overwritten by the residual
+        return _residual_into(scratch, y, x.dtype)
+
+    return {
+        "finiteness check (sim/run.py)": (lambda: bool(torch.isfinite(x).all()), lambda: _all_finite(x)),
+        "memory norm (compressors/state_tree.py)": (norm_before, norm_after),
+        "group of one matrix (compressors/powersgd.py)": (
+            lambda: torch.stack([x.reshape(W, N, N)], dim=1), lambda: _batch(grads, group, W)),
+        "EF residual (compressors/error_feedback.py)": (lambda: ((x + y) - y).to(x.dtype), ef_after),
+    }
+
+
+def run(quick: bool = False):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((W, N, N), generator=generator)  # (W, n, m)
+    y = torch.randn((W, N, N), generator=generator)
+    metrics, rows = {}, []
+    for name, (before, after) in _pairs(x, y).items():
+        a, b = before(), after()
+        same = torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+        if not same:
+            raise AssertionError(f"optimizations: {name}: before and after differ")
+        samples = interleaved({"before": before, "after": after}, repeats=3 if quick else 7, warmup=1)
+        speedup = ratio_of_medians(samples, "before", "after")
+        rows.append([name, fmt_ms(median(samples["before"])), fmt_ms(median(samples["after"])), f"{speedup:.1f}x"])
+        metrics["optimization_speedup_" + name.split(" (")[0].replace(" ", "_")] = round(speedup, 2)
+        print(f"  {name}: before {fmt_ms(median(samples['before']))}, after {fmt_ms(median(samples['after']))}, "
+              f"{speedup:.1f}x", flush=True)
+    text = table(["change (file)", f"before, ({W}, {N}, {N}) float32", "after", "speedup (median of rounds)"], rows)
+    return metrics, {"optimizations": text}

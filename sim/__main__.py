@@ -1,0 +1,167 @@
+"""Command line: ``python -m sim <subcommand> ...``.
+
+    python -m sim whatif --model resnet18_cifar --compressor identity --compressor powersgd:rank=2 \\
+        --workers 4 16 64 --network ethernet-10g infiniband-100g --compute v100 --csv out.csv --png out.png
+    python -m sim calibrate --backend gloo --nproc 2 --out results/network-gloo-p2.json
+
+Each subcommand is a pair (add its arguments to a subparser, run it from the parsed namespace) listed in
+``SUBCOMMANDS``; adding one (``run``, ``sweep``) is one function pair and one line there.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sim import cli_workflow
+
+
+# -- whatif ----------------------------------------------------------------------------------------------------
+def add_whatif(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="resnet18_cifar",
+                        help="a paper model (resnet18_cifar, lstm_wikitext2) or a task name (digits-mlp, ...)")
+    parser.add_argument("--compressor", action="append", default=None,
+                        help="repeatable: identity, powersgd:rank=2, topk:ratio=0.01 (identity is always added)")
+    parser.add_argument("--rank", type=int, nargs="*", default=None,
+                        help="shortcut: one powersgd entry per rank (e.g. --rank 1 2 4)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[16])
+    parser.add_argument("--network", nargs="+", default=["ethernet-10g"],
+                        help="presets (see sim.cost.PRESETS) or saved .json networks")
+    parser.add_argument("--compute", default=None,
+                        help="seconds per step, an accelerator (v100, a100, h100, t4), or 'measure'")
+    parser.add_argument("--batch-size", type=int, default=None, help="per-worker batch for FLOP counting")
+    parser.add_argument("--overlap", default="buckets", choices=["buckets", "none"])
+    parser.add_argument("--codec", default="auto", choices=["auto", "measure", "flops", "none"])
+    parser.add_argument("--csv", default=None, help="write the table here")
+    parser.add_argument("--png", default=None, help="plot speedup vs workers here")
+
+
+def run_whatif(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from sim.cost import whatif
+
+    specs = list(args.compressor or [])
+    specs += [{"name": "powersgd", "rank": r} for r in (args.rank or [])]
+    if not specs:
+        specs = ["identity", "powersgd:rank=1", "powersgd:rank=2", "powersgd:rank=4"]
+    compute = args.compute
+    if compute is not None:
+        try:
+            compute = float(compute)
+        except ValueError:
+            pass
+    source = args.model
+    if "-" in source:  # a task name: price a sim.Experiment of that task
+        from sim import Experiment
+
+        source = Experiment(task=source, workers=max(args.workers), batch_size=args.batch_size or 32)
+    table = whatif(source, compressors=specs, workers=args.workers, networks=args.network, compute=compute,
+                   codec=args.codec, overlap=args.overlap, batch_size=args.batch_size)
+    with pd.option_context("display.width", 200, "display.max_rows", 500, "display.float_format", "{:.4g}".format):
+        print(table.to_string(index=False))
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+        print(f"wrote {args.csv}")
+    if args.png:
+        plot_speedup(table, args.png)
+        print(f"wrote {args.png}")
+    return 0
+
+
+def plot_speedup(table, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    networks = list(dict.fromkeys(table.network))
+    fig, axes = plt.subplots(1, len(networks), figsize=(4 * len(networks), 3.2), sharey=True, squeeze=False)
+    for ax, net in zip(axes[0], networks):
+        part = table[table.network == net]
+        for name, rows in part.groupby("compressor", sort=False):
+            ax.plot(rows.workers, rows.speedup, marker="o", label=name)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_title(net)
+        ax.set_xlabel("workers")
+    axes[0][0].set_ylabel("speedup vs all-reduce")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- calibrate -------------------------------------------------------------------------------------------------
+def add_calibrate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default="gloo", choices=["gloo"])
+    parser.add_argument("--nproc", type=int, nargs="+", default=[2], help="process counts (e.g. 2 3 4)")
+    parser.add_argument("--out", default=None,
+                        help="Network JSON (default results/network-<backend>-p<nproc>.json; one per nproc)")
+    parser.add_argument("--max-bytes", type=int, default=32 * 2**20)
+    parser.add_argument("--csv", default=None, help="write the measurements and predictions here")
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from sim.cost.calibrate import DEFAULT_SIZES, calibrate
+
+    sizes = [s for s in DEFAULT_SIZES if s <= args.max_bytes]
+    result = calibrate(tuple(args.nproc), args.backend, sizes)
+    for p, network in result.networks.items():
+        path = _out_path(args.out, args.backend, p, many=len(result.networks) > 1)
+        network.save(path)
+        print(f"nproc={p}: {network.to_dict()['op_links']}  -> {path}")
+    with pd.option_context("display.width", 200, "display.float_format", "{:.3g}".format):
+        print("held-out median |relative error| per collective and nproc (fit per nproc):")
+        print(result.held_out_error(["op", "nproc"]).to_string())
+        if len(result.networks) > 1:
+            print("same, one fit over all nproc:")
+            print(result.held_out_error(["op", "nproc"], "rel_error_joint").to_string())
+    print(f"held-out median |relative error|: {result.held_out_error():.1%}")
+    if args.csv:
+        result.measurements.to_csv(args.csv, index=False)
+    return 0
+
+
+def _out_path(out, backend: str, p: int, many: bool) -> str:
+    import os
+
+    if out is None:
+        return f"results/network-{backend}-p{p}.json"
+    if not many:
+        return out
+    stem, ext = os.path.splitext(out)
+    return f"{stem}-p{p}{ext or '.json'}"
+
+
+#: name -> (add arguments, run); another subcommand is one more line here.
+SUBCOMMANDS = {
+    "whatif": (add_whatif, run_whatif, "time per step of compressors x workers x networks"),
+    "calibrate": (add_calibrate, run_calibrate, "fit alpha, beta to real collectives on this machine"),
+    "run": (cli_workflow.add_run, cli_workflow.run_run, "run one experiment from a .toml/.json config"),
+    "sweep": (cli_workflow.add_sweep, cli_workflow.run_sweep, "grid x seeds into a results dir that survives kill"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sim", description="The compressed-SGD simulator.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, (add, run, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text)
+        add(sub)
+        sub.set_defaults(handler=run)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ValueError as error:  # bad input: one line naming the field, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Experiments from TOML or JSON files.
+
+A config is the fields of ``sim.Experiment`` at the top level, the compressor and task options as tables, and
+an optional ``[sweep]`` table (``grid``: dotted key -> list of values, ``seeds``: list of integers)::
+
+    task = "digits-mlp"
+    workers = 8
+    steps = 200
+    [compressor]
+    name = "powersgd"
+    rank = 2
+    [task_options]
+    hidden = [64]
+    [sweep]
+    seeds = [0, 1, 2]
+    [sweep.grid]
+    "compressor.rank" = [1, 2, 4]
+
+Unknown keys and values of the wrong type raise ValueError naming the key (``Experiment`` checks every field's
+value; this module checks the keys and the sweep table). TOML has no null: leave a key out for its default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compressors.options import check_known_options, invalid
+from .experiment import Experiment
+
+try:
+    import tomllib  # Python >= 3.11
+except ImportError:  # pragma: no cover - Python 3.10: the tomli backport has the same API, if installed
+    try:
+        import tomli as tomllib
+    except ImportError:
+        tomllib = None
+
+SWEEP_KEYS = ("grid", "seeds")
+
+
+@dataclass(frozen=True)
+class Config:
+    """An experiment plus the sweep its file asks for (an empty grid and ``(seed,)`` for a single run)."""
+    experiment: Experiment
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    seeds: tuple[int, ...] = ()
+    source: str = ""
+
+    @property
+    def sweep_seeds(self) -> tuple[int, ...]:
+        return self.seeds or (self.experiment.seed,)
+
+
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """Parse a .toml or .json file into a dict; a ValueError names the file and the parse error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config: {str(path)!r} is not a file")
+    if path.suffix == ".toml" and tomllib is None:
+        raise ValueError(f"config: reading {path} needs Python >= 3.11 (tomllib) or the tomli package; "
+                         f"or write the config as .json")
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(path.read_text(encoding="utf-8"))
+        if path.suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError("the top level must be an object")
+            return data
+    except (json.JSONDecodeError, ValueError) as error:
+        raise ValueError(f"config: cannot parse {path}: {error}") from None
+    raise invalid("config", "suffix", path.suffix, "'.toml' or '.json'")
+
+
+def from_mapping(data: Mapping[str, Any], source: str = "") -> Config:
+    """Validate keys, split off ``sweep``, build the Experiment (which validates every value)."""
+    fields = [f.name for f in dataclasses.fields(Experiment)]
+    check_known_options("config", data, fields + ["sweep"])
+    for table in ("compressor", "task_options"):
+        if table in data and not isinstance(data[table], Mapping):
+            raise invalid("config", table, data[table], "a table (TOML [section] or JSON object)")
+    values = dict(data)
+    sweep = values.pop("sweep", {})
+    if "lr_milestones" in values and isinstance(values["lr_milestones"], list):
+        values["lr_milestones"] = tuple(values["lr_milestones"])
+    experiment = Experiment(**values)
+    grid, seeds = parse_sweep(sweep, experiment)
+    return Config(experiment, grid, seeds, source)
+
+
+def parse_sweep(sweep: Any, experiment: Experiment) -> tuple[dict[str, list[Any]], tuple[int, ...]]:
+    if not isinstance(sweep, Mapping):
+        raise invalid("config", "sweep", sweep, "a table with 'grid' and/or 'seeds'")
+    check_known_options("config.sweep", sweep, SWEEP_KEYS)
+    grid = sweep.get("grid", {})
+    if not isinstance(grid, Mapping):
+        raise invalid("config.sweep", "grid", grid, 'a table of dotted key -> list, e.g. "compressor.rank" = [1, 2]')
+    for key, values in grid.items():
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+            raise invalid("config.sweep.grid", key, values, "a non-empty list of values")
+        for value in values:  # each grid point must make a valid Experiment: fail before any run starts
+            experiment.with_overrides({key: value})
+    seeds = sweep.get("seeds", ())
+    if not isinstance(seeds, Sequence) or isinstance(seeds, str) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise invalid("config.sweep", "seeds", seeds, "a list of integers >= 0")
+    return {k: list(v) for k, v in grid.items()}, tuple(seeds)
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
+    """A Config from a .toml or .json file; ``overrides`` (dotted keys, as ``--set``) apply before validation,
+    so a command line can supply what the file lacks (e.g. ``task_options.data_dir``)."""
+    return from_mapping(apply_overrides(read_mapping(path), overrides or {}), source=str(path))
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """{"compressor.rank": 4} sets data["compressor"]["rank"]; only compressor./task_options. nest."""
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if not rest:
+            out[head] = value
+        elif head in ("compressor", "task_options"):
+            nested = out.setdefault(head, {} if head == "task_options" else {"name": "identity"})
+            if not isinstance(nested, dict):
+                raise invalid("config", head, nested, "a table (TOML [section] or JSON object)")
+            nested[rest] = value
+        else:
+            raise invalid("config", key, value, "dotted keys only under 'compressor.' and 'task_options.'")
+    return out
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    return load_config(path).experiment
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: true/false -> bool, none/null -> None, [..] -> a JSON list, then int, then float,
+    else the string."""
+    lowered = text.strip().lower()
+    if lowered.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError(f"command line: {text!r} is invalid; allowed: a JSON list such as [64, 64]") from None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_assignment(text: str, many: bool) -> tuple[str, Any]:
+    """``"key=v"`` -> (key, value); with ``many``, ``"key=v1,v2"`` -> (key, [v1, v2])."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or not raw.strip():
+        raise ValueError(f"command line: {text!r} is invalid; allowed: KEY=VALUE" + (",VALUE..." if many else ""))
+    if many:
+        return key.strip(), [parse_value(v) for v in split_top_level(raw)]
+    return key.strip(), parse_value(raw)
+
+
+def split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets: "1,[2,3],4" -> ["1", "[2,3]", "4"]."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += (char == "[") - (char == "]")
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return parts + [current]
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        seeds = ()
+    if not seeds or any(s < 0 for s in seeds):
+        raise invalid("command line", "--seeds", text, "comma-separated integers >= 0, e.g. 0,1,2")
+    return seeds

@@ -1,0 +1,180 @@
+"""Calibrate the alpha-beta model on this machine: time real all-reduce and all-gather over message sizes on
+2, 3, 4 processes (gloo on 127.0.0.1), fit alpha and beta per collective, save a ``Network``, and report the
+error on message sizes held out of the fit.
+
+Fit: for every measurement i (collective op, p processes, n bytes, median seconds t_i) the ring model of
+``theory.collectives`` is linear in (alpha, beta): t = a_i alpha + b_i beta with a_i = 2(p-1), b_i = 2(p-1)/p n
+(all-reduce) or a_i = p-1, b_i = (p-1) n (all-gather, n per process). We minimise the relative error
+sum_i ((a_i alpha + b_i beta - t_i) / t_i)^2 over alpha, beta >= 0 (non-negative least squares), on every
+other message size; the sizes in between are held out. One (alpha, beta) per collective for all p: the fit is
+also a test of the model's scaling in p.
+
+Timing: sizes and ops in a fixed shuffled order; per size, a barrier then one timed call, repeated (30 times
+for small messages); each call's time is the maximum over ranks (the collective ends when its slowest rank
+does); a low quantile (``QUANTILE``) of the repeats is kept, the median stored beside it.
+
+Per ``nproc`` (what ``python -m sim calibrate --nproc p`` saves) and jointly over all p (a test of the
+model's p-scaling; on a machine with fewer cores than processes it fails, as the scheduler, not the
+network, sets the time).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .network import Network
+
+OPS = ("all_reduce", "all_gather")
+#: The statistic kept per size: a low quantile of the repeats estimates the uncontended time (what a
+#: dedicated machine does); the median mixes in preemption by unrelated processes on a shared machine. Both
+#: are stored (``seconds`` = this quantile, ``seconds_median``, ``seconds_min``).
+QUANTILE = 0.2
+DEFAULT_SIZES = tuple(2**k for k in range(2, 26))  # 4 B .. 32 MiB, factor 2: every other one is held out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _trials(size: int) -> int:
+    return 30 if size < 2**16 else 12 if size < 2**22 else 5
+
+
+def _worker(rank: int, nproc: int, port: int, backend: str, sizes, out_path: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)  # nproc processes share the cores: no intra-op oversubscription
+    dist.init_process_group(backend, rank=rank, world_size=nproc)
+    rows = []
+    # Sizes and ops in a fixed shuffled order: a burst of load from other processes then spreads over
+    # sizes instead of bending one contiguous stretch of the curve.
+    order = [(op, size) for op in OPS for size in sizes]
+    order = [order[i] for i in torch.randperm(len(order), generator=torch.Generator().manual_seed(0)).tolist()]
+    try:
+        for op, size in order:
+            x = torch.ones(max(1, size // 4))  # float32
+            out = [torch.empty_like(x) for _ in range(nproc)]
+
+            def call():
+                if op == "all_reduce":
+                    dist.all_reduce(x)
+                else:
+                    dist.all_gather(out, x)
+
+            call()  # warm-up: connection set-up, allocation
+            times = []
+            for _ in range(_trials(size)):
+                dist.barrier()
+                start = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - start)
+            slowest = torch.tensor(times, dtype=torch.float64)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            ordered = sorted(slowest.tolist())
+            rows.append({"op": op, "nproc": nproc, "bytes": x.numel() * 4,
+                         "seconds": ordered[int(QUANTILE * (len(ordered) - 1))],
+                         "seconds_median": statistics.median(ordered), "seconds_min": ordered[0]})
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(rows))
+
+
+def measure(nproc: int, backend: str = "gloo", sizes=DEFAULT_SIZES) -> pd.DataFrame:
+    """Median seconds of all-reduce and all-gather for each size (bytes per process) on ``nproc`` processes."""
+    import torch.multiprocessing as mp
+
+    if not isinstance(nproc, int) or nproc < 2:
+        raise ValueError(f"calibrate: nproc={nproc!r} is invalid; allowed: an integer >= 2")
+    if backend != "gloo":
+        raise ValueError(f"calibrate: backend={backend!r} is invalid; allowed: 'gloo' (CPU, 127.0.0.1)")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rows.json")
+        mp.spawn(_worker, args=(nproc, _free_port(), backend, tuple(sizes), out), nprocs=nproc, join=True)
+        return pd.DataFrame(json.loads(Path(out).read_text()))
+
+
+def design(op: str, nproc, n_bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Coefficients (a, b) of alpha and beta in the ring formula of ``op``."""
+    p = np.asarray(nproc, dtype=float)
+    n = np.asarray(n_bytes, dtype=float)
+    if op == "all_reduce":
+        return 2 * (p - 1), 2 * (p - 1) / p * n
+    return p - 1, (p - 1) * n
+
+
+def fit(measurements: pd.DataFrame) -> dict[str, tuple[float, float]]:
+    """{op: (alpha, beta)} by non-negative least squares on relative error."""
+    from scipy.optimize import nnls
+
+    out = {}
+    for op, rows in measurements.groupby("op"):
+        a, b = design(op, rows.nproc, rows.bytes)
+        t = rows.seconds.to_numpy()
+        matrix = np.stack([a / t, b / t], axis=1)
+        (alpha, beta), _ = nnls(matrix, np.ones_like(t))
+        out[op] = (float(alpha), float(max(beta, 1e-15)))
+    return out
+
+
+def predict(links: dict[str, tuple[float, float]], measurements: pd.DataFrame) -> np.ndarray:
+    out = np.empty(len(measurements))
+    for i, (op, p, n) in enumerate(zip(measurements.op, measurements.nproc, measurements.bytes)):
+        a, b = design(op, p, n)
+        alpha, beta = links[op]
+        out[i] = a * alpha + b * beta
+    return out
+
+
+@dataclass
+class Calibration:
+    networks: dict  # nproc -> Network fitted on that nproc's measurements
+    joint: Network  # one fit over every nproc
+    measurements: pd.DataFrame  # op, nproc, bytes, seconds, held_out, predicted, rel_error, *_joint
+
+    def held_out_error(self, by=None, column: str = "rel_error") -> float | pd.Series:
+        """Median absolute relative error on the held-out sizes (per group when ``by`` is given)."""
+        held = self.measurements[self.measurements.held_out]
+        if by is None:
+            return float(held[column].abs().median())
+        return held.groupby(by)[column].apply(lambda e: float(e.abs().median()))
+
+
+def _network(links, name: str) -> Network:
+    op_links = {op: {"alpha": a, "bandwidth": 1.0 / b} for op, (a, b) in links.items()}
+    return Network(alpha=links["all_reduce"][0], bandwidth=1.0 / links["all_reduce"][1], algorithm="ring",
+                   op_links=op_links, name=name)
+
+
+def calibrate(nprocs=(2, 3, 4), backend: str = "gloo", sizes=DEFAULT_SIZES, measurements: pd.DataFrame | None = None,
+              name: str = "calibrated-gloo-localhost") -> Calibration:
+    """Measure (unless ``measurements`` are given), fit on even-indexed sizes, evaluate on the odd ones."""
+    if measurements is None:
+        measurements = pd.concat([measure(p, backend, sizes) for p in nprocs], ignore_index=True)
+    data = measurements.reset_index(drop=True).copy()
+    order = {size: i for i, size in enumerate(sorted(data.bytes.unique()))}
+    data["held_out"] = [order[s] % 2 == 1 for s in data.bytes]
+    networks, data["predicted"] = {}, np.nan
+    for p, rows in data.groupby("nproc"):
+        links = fit(rows[~rows.held_out])
+        networks[int(p)] = _network(links, f"{name}-p{p}")
+        data.loc[rows.index, "predicted"] = predict(links, rows)
+    joint_links = fit(data[~data.held_out])
+    data["predicted_joint"] = predict(joint_links, data)
+    data["rel_error"] = (data.predicted - data.seconds) / data.seconds
+    data["rel_error_joint"] = (data.predicted_joint - data.seconds) / data.seconds
+    return Calibration(networks, _network(joint_links, name), data)

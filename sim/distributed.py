@@ -1,0 +1,167 @@
+"""``sim.run_distributed``: the same experiment on real ``torch.distributed`` processes.
+
+    result = sim.run_distributed(experiment, nproc=2, backend="gloo", workers_per_process=2)  # 4 workers
+
+Each of ``nproc`` spawned processes emulates ``k = workers_per_process`` workers (global ids
+``rank * k ... rank * k + k - 1``) and runs ``sim.run`` with a ``DistributedCollective``: the same data
+shards, seeds, model initialisation and aggregator code as the single-process simulator, the mean over
+workers being a local row sum plus a real all-reduce. Rank 0's ``Result`` comes back, with ``buffers``
+gathered from every process (W, ...) as in ``sim.run``.
+
+``spawn`` is the underlying launcher (also used by the tests): fresh processes (start method "spawn"), a
+process group on a free 127.0.0.1 port, one deadline for the whole run, and a clear error naming the rank
+when any process raises, dies or hangs; the survivors are terminated, never left behind.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .experiment import Experiment
+from .result import Result
+
+BACKENDS = ("gloo", "nccl")
+
+
+class DistributedRunError(RuntimeError):
+    """A process of a distributed run raised, died or did not finish before the deadline."""
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn: Callable[..., Any], nproc: int, args: tuple = (), *, backend: str = "gloo", timeout: float = 600.0,
+          collective_timeout: float = 60.0, threads: int | None = None) -> list[Any]:
+    """Run ``fn(rank, world, *args)`` in ``nproc`` fresh processes with an initialized process group.
+
+    Returns every rank's return value (``None`` for a rank that exited early). ``fn`` must be importable
+    (a module-level function). ``timeout`` bounds the whole run; ``collective_timeout`` is the process
+    group's own timeout. ``threads``: intra-op threads per process (default: the cores shared out).
+    """
+    import torch.multiprocessing as mp
+
+    _check_int("spawn", "nproc", nproc, 1)
+    if backend not in BACKENDS:
+        raise ValueError(f"spawn: backend={backend!r} is invalid; allowed: {', '.join(BACKENDS)}")
+    threads = threads if threads is not None else max(1, (os.cpu_count() or 1) // nproc)
+    with tempfile.TemporaryDirectory(prefix="sim-dist-") as outdir:
+        context = mp.start_processes(_child, args=(fn, nproc, free_port(), backend, collective_timeout, threads,
+                                                   outdir, args), nprocs=nproc, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout
+        try:
+            while not context.join(timeout=max(0.05, min(1.0, deadline - time.monotonic()))):
+                if time.monotonic() > deadline:
+                    alive = [rank for rank, p in enumerate(context.processes) if p.is_alive()]
+                    raise DistributedRunError(f"spawn: ranks {alive} of {nproc} did not finish within timeout="
+                                              f"{timeout:g}s (hung); they were terminated")
+        except DistributedRunError:
+            _terminate(context.processes)
+            raise
+        except Exception as error:  # ProcessRaisedException / ProcessExitedException: one rank failed
+            _terminate(context.processes)
+            raise DistributedRunError(f"spawn: a process of {nproc} failed; the others were terminated.\n{error}") from error
+        results = []
+        for rank in range(nproc):
+            path = os.path.join(outdir, f"rank{rank}.pt")
+            results.append(torch.load(path, weights_only=False) if os.path.exists(path) else None)
+        return results
+
+
+def _child(rank, fn, world, port, backend, collective_timeout, threads, outdir, args):
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=collective_timeout))
+    result = fn(rank, world, *args)
+    torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _terminate(processes) -> None:
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    for p in processes:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+
+
+# -- experiments ---------------------------------------------------------------------------------------------
+def run_distributed(experiment: Experiment | Sequence[Experiment], *, nproc: int = 2, backend: str = "gloo",
+                    workers_per_process: int | None = None, timeout: float = 600.0,
+                    collective_timeout: float = 60.0, threads: int | None = None) -> Result | list[Result]:
+    """Run an Experiment (or several, one after the other in the same processes) on ``nproc`` processes.
+
+    ``workers_per_process`` defaults to ``experiment.workers // nproc`` and must satisfy
+    ``nproc * workers_per_process == experiment.workers``. Returns rank 0's Result (a list for a list).
+    """
+    experiments = [experiment] if isinstance(experiment, Experiment) else list(experiment)
+    if not experiments or not all(isinstance(e, Experiment) for e in experiments):
+        raise ValueError("run_distributed: experiment is invalid; allowed: an Experiment or a list of them")
+    _check_int("run_distributed", "nproc", nproc, 1)
+    ks = []
+    for e in experiments:
+        k = workers_per_process if workers_per_process is not None else e.workers // nproc
+        _check_int("run_distributed", "workers_per_process", k, 1)
+        if k * nproc != e.workers:
+            raise ValueError(f"run_distributed: workers_per_process={k} is invalid for nproc={nproc} and "
+                             f"Experiment.workers={e.workers}; allowed: nproc * workers_per_process == workers")
+        ks.append(k)
+    results = spawn(run_on_rank, nproc, (experiments, ks, collective_timeout), backend=backend, timeout=timeout,
+                    collective_timeout=collective_timeout, threads=threads)
+    return results[0][0] if isinstance(experiment, Experiment) else results[0]
+
+
+def run_on_rank(rank: int, world: int, experiments: list[Experiment], ks: list[int],
+                collective_timeout: float = 60.0) -> list[Result] | None:
+    """What each process runs (also ``python -m sim.launch`` under torchrun): returns rank 0's Results."""
+    from .distributed_collective import DistributedCollective
+    from .run import run
+
+    out = []
+    for e, k in zip(experiments, ks):
+        comm = DistributedCollective(k, timeout=collective_timeout)
+        result = run(e, comm=comm, local_workers=comm.local_workers)
+        result.buffers = {name: _gather(comm, b) for name, b in result.buffers.items()}  # (W, *shape)
+        result.extras.update(_summary(comm, result, world, k))
+        out.append(result)
+    return out if rank == 0 else None
+
+
+def _gather(comm, x: torch.Tensor) -> torch.Tensor:
+    """(k, *s) -> (W, *s) without a ledger record (the ledger holds only what the algorithm sent)."""
+    return comm.gather_untracked(x)
+
+
+def _summary(comm, result: Result, world: int, k: int) -> dict[str, Any]:
+    """Where the run happened, what was sent, and the largest parameter difference between processes."""
+    import torch.distributed as dist
+
+    spread = 0.0
+    for p in result.params.values():
+        rows = _gather(comm, p.unsqueeze(0).expand(k, *p.shape))  # (W, *shape)
+        spread = max(spread, float((rows - rows[0]).abs().max()) if rows.numel() else 0.0)
+    return {"backend": dist.get_backend(), "nproc": world, "workers_per_process": k,
+            "ledger_calls": comm.ledger.calls, "ledger_bits": comm.ledger.total_bits,
+            "param_spread_across_processes": spread}
+
+
+def _check_int(owner: str, field: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{owner}: {field}={value!r} is invalid; allowed: an integer >= {minimum}")

@@ -1,0 +1,81 @@
+"""sim.cost.calibrate (fit and a tiny real gloo run) and the `python -m sim` command line."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from sim.__main__ import SUBCOMMANDS, build_parser, main
+from sim.cost.calibrate import calibrate, design, measure
+from theory import collectives as tc
+
+
+def synthetic(alpha_ar, beta_ar, alpha_ag, beta_ag, noise=0.0):
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in (2, 3, 4):
+        for n in [2**k for k in range(2, 26)]:
+            ar = tc.ring_all_reduce(n, p, alpha_ar, beta_ar)
+            ag = tc.ring_all_gather(n, p, alpha_ag, beta_ag)
+            rows += [{"op": "all_reduce", "nproc": p, "bytes": n, "seconds": ar * (1 + noise * rng.standard_normal())},
+                     {"op": "all_gather", "nproc": p, "bytes": n, "seconds": ag * (1 + noise * rng.standard_normal())}]
+    return pd.DataFrame(rows)
+
+
+def test_fit_recovers_alpha_beta_and_predicts_held_out_sizes():
+    result = calibrate(measurements=synthetic(5e-5, 1e-9, 8e-5, 2e-9))
+    links = result.joint.op_links
+    assert links["all_reduce"]["alpha"] == pytest.approx(5e-5, rel=1e-6)
+    assert links["all_reduce"]["bandwidth"] == pytest.approx(1e9, rel=1e-6)
+    assert links["all_gather"]["bandwidth"] == pytest.approx(5e8, rel=1e-6)
+    assert result.held_out_error() < 1e-6
+    assert result.measurements.held_out.sum() == len(result.measurements) // 2
+    # the saved Network prices like the measurements it was fitted on
+    net = result.networks[3]
+    assert net.all_gather_time(4096, 3) == pytest.approx(tc.ring_all_gather(4096, 3, 8e-5, 2e-9), rel=1e-6)
+
+
+def test_fit_under_noise_stays_close():
+    result = calibrate(measurements=synthetic(5e-5, 1e-9, 8e-5, 2e-9, noise=0.1))
+    assert result.held_out_error() < 0.15
+
+
+def test_design_is_the_ring_formula():
+    a, b = design("all_reduce", 4, 1000)
+    assert a * 2.0 + b * 3.0 == pytest.approx(tc.ring_all_reduce(1000, 4, 2.0, 3.0))
+
+
+@pytest.mark.distributed
+def test_tiny_real_gloo_measurement():
+    data = measure(2, sizes=(4, 4096, 65536))
+    assert list(data.columns[:4]) == ["op", "nproc", "bytes", "seconds"]
+    assert len(data) == 6 and (data.seconds > 0).all()
+    assert (data.seconds_min <= data.seconds).all() and (data.seconds <= data.seconds_median * 10).all()
+
+
+def test_bad_calibration_input():
+    with pytest.raises(ValueError, match="nproc"):
+        measure(1)
+    with pytest.raises(ValueError, match="backend"):
+        measure(2, backend="mpi")
+
+
+def test_cli_whatif_prints_and_writes(tmp_path, capsys):
+    csv, png = tmp_path / "t.csv", tmp_path / "t.png"
+    assert main(["whatif", "--model", "digits-mlp", "--rank", "1", "--workers", "2", "8", "--network",
+                 "ethernet-1g", "nvlink", "--compute", "0.01", "--codec", "none", "--csv", str(csv),
+                 "--png", str(png)]) == 0
+    table = pd.read_csv(csv)
+    assert len(table) == 8 and png.stat().st_size > 0
+    assert "powersgd(rank=1)" in capsys.readouterr().out
+
+
+def test_cli_bad_input_is_one_line_naming_the_field(capsys):
+    assert main(["whatif", "--model", "digits-mlp", "--network", "ethernet-3g", "--compute", "0"]) == 2
+    assert "preset" in capsys.readouterr().err
+
+
+def test_cli_is_extensible(monkeypatch):
+    assert set(SUBCOMMANDS) >= {"whatif", "calibrate"}
+    monkeypatch.setitem(SUBCOMMANDS, "run", (lambda p: p.add_argument("--steps", type=int), lambda a: a.steps, "r"))
+    assert main(["run", "--steps", "7"]) == 7
+    args = build_parser().parse_args(["calibrate", "--nproc", "2", "3"])
+    assert args.nproc == [2, 3] and args.backend == "gloo"
