@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-all bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +19,12 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m sim.demo
 
+# Every capability at small sizes; tests marked slow (bigger sizes) run with `make test-all`.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
-test-fast: $(STAMP)
-	$(PY) -m pytest -q -x -m "not slow"
+test-all: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
