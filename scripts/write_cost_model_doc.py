@@ -1,20 +1,255 @@
 """Write docs/cost_model.md (and its figure): calibrate the alpha-beta model on this machine's gloo
-collectives, report held-out error, and print the what-if table for the paper's ResNet-18.
+collectives, report held-out error, predict the time per step of real gloo training runs (identity, PowerSGD,
+top-k on 2 and 4 processes) against their measured time, and print the what-if table for the paper's ResNet-18.
 
-    .venv/bin/python scripts/write_cost_model_doc.py                 # measures (about 1-3 minutes)
+    .venv/bin/python scripts/write_cost_model_doc.py                 # measures (about 3-5 minutes)
     .venv/bin/python scripts/write_cost_model_doc.py --measurements results/calibration-gloo.csv
+
+Real steps: each run's per-step seconds are stamped inside the processes (``Result.extras["step_seconds"]``
+of ``sim.run_distributed``), so process start-up is excluded; predicted = local work x CPU share + encode/decode
+x CPU share + the probed ledger and the loop's diagnostic collectives priced on the calibrated network.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
+import statistics
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- predicted vs measured time per step of real gloo runs ----------------------------------------------------
+#: The real runs of the real-distributed issue: one worker per process, every compressor kind it covers.
+REAL_TASKS = ("digits-mlp", "digits-cnn")
+REAL_NPROCS = (2, 4)
+REAL_COMPRESSORS = ({"name": "identity"}, {"name": "powersgd", "rank": 2}, {"name": "topk", "ratio": 0.01})
+REAL_BATCH = 64  # per worker
+REAL_STEPS = 30  # per run; every run is repeated (interleaved) and the step times pooled
+REAL_REPEATS = 2
+SKIP_STEPS = 3  # first timed steps: allocations, the first vmap trace, gloo's first use of a buffer size
+
+
+@dataclass(frozen=True)
+class StepPrediction:
+    """Seconds of one real step, by component (overlap "none": gloo here is synchronous after backward)."""
+
+    compute: float  # the loop's local work per step (vmap forward/backward, SGD, metrics): slowest of p, x CPU share
+    codec: float  # encode + decode (``measure_codec``), x CPU share
+    comm_ledger: float  # the algorithm's collectives: the ledger of a probed step, priced on the network
+    comm_diagnostics: float  # the loop's own untracked collectives, priced the same way
+    collectives: int  # collectives per step (ledger + diagnostics): each one is a synchronisation point
+    fwd_bwd: float  # forward + backward alone (``measure_compute``), for reference; not in the total
+
+    @property
+    def comm(self) -> float:
+        return self.comm_ledger + self.comm_diagnostics
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.codec + self.comm
+
+
+def real_experiment(task: str, nproc: int, compressor, steps: int = REAL_STEPS, batch: int = REAL_BATCH):
+    import sim
+
+    return sim.Experiment(task=task, workers=nproc, steps=steps, batch_size=batch, compressor=dict(compressor),
+                          eval_every=0, seed=0)
+
+
+def threads_per_process(nproc: int, cores: int) -> int:
+    """Intra-op threads ``sim.distributed.spawn`` gives each process (the cores shared out)."""
+    return max(1, cores // nproc)
+
+
+def cpu_share(nproc: int, cores: int) -> float:
+    """Slow-down of local work when nproc x threads CPU-bound processes time-share ``cores`` cores (>= 1)."""
+    return max(1.0, nproc * threads_per_process(nproc, cores) / cores)
+
+
+def steady_steps(step_seconds: list[float], skip: int = SKIP_STEPS) -> list[float]:
+    """Per-step seconds without the first ``skip`` steps and the last (it includes the final evaluation)."""
+    return list(step_seconds[skip:-1])
+
+
+def _with_threads(threads: int, fn):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+def local_step_samples(experiment, threads: int, skip: int = SKIP_STEPS) -> list[float]:
+    """Seconds of every steady step of ``sim.run``'s loop with ONE worker and the identity aggregator:
+    everything a real process does locally (sampling, vmap forward/backward, checks, SGD, metrics), no network."""
+    import sim
+
+    one = experiment.replace(workers=1, compressor={"name": "identity"})
+    stamps: list[float] = []
+    _with_threads(threads, lambda: sim.run(one, on_step=lambda _s, _t: stamps.append(time.perf_counter())))
+    return steady_steps([b - a for a, b in zip(stamps, stamps[1:])], skip)
+
+
+def expected_slowest(samples: list[float], p: int) -> float:
+    """E[max of p independent draws] from the empirical distribution of ``samples``: a synchronous step
+    waits for its slowest worker (Dutta et al., "Slow and Stale Gradients Can Win the Race", AISTATS 2018).
+
+        E[max] = sum_i x_(i) ((i/n)^p - ((i-1)/n)^p),   x_(1) <= ... <= x_(n)
+
+    p = 1 gives the mean; on a quiet machine (tight distribution) it is close to the median."""
+    ordered, n = sorted(samples), len(samples)
+    return sum(x * ((i / n) ** p - ((i - 1) / n) ** p) for i, x in enumerate(ordered, start=1))
+
+
+class _CountingCollective:
+    """A ``VirtualCollective`` that also offers the untracked diagnostics of a real collective
+    (``average_metric``, ``average_untracked``), so ``sim.run``'s loop issues them, and records each one."""
+
+    def __init__(self, workers: int):
+        from sim.collective import VirtualCollective, payload_record
+
+        self._virtual, self._record = VirtualCollective(workers), payload_record
+        self.workers, self.ledger, self.diagnostics = workers, self._virtual.ledger, []
+
+    def all_reduce_mean(self, x, tag: str = ""):
+        return self._virtual.all_reduce_mean(x, tag)
+
+    def all_gather(self, x, tag: str = ""):
+        return self._virtual.all_gather(x, tag)
+
+    def average_untracked(self, x):
+        self.diagnostics.append(self._record("all_reduce", x, self.workers, "diagnostic"))
+        return x.sum(0) / x.shape[0]
+
+    def average_metric(self, value: float) -> float:
+        import torch
+
+        self.diagnostics.append(self._record("all_reduce", torch.zeros(1, 1, dtype=torch.float64), self.workers,
+                                             "metric"))  # one float64 per process, as on the wire
+        return value
+
+
+def diagnostic_records(experiment, workers: int) -> list:
+    """The collectives ``sim.run``'s loop issues in one step besides the algorithm's (no ledger record, by
+    design: they are measurements): today the mean train loss, the two "any rank non-finite?" votes and the
+    memory norm (float64 scalars) and the exact mean gradient for ``compression_error`` (one dense all-reduce
+    per parameter tensor). Counted on one simulated step, so a change of the loop changes the prediction."""
+    from sim.run import Simulation
+
+    comm = _CountingCollective(workers)
+    simulation = Simulation(experiment.replace(workers=workers), comm=comm)
+    simulation.step(simulation.initial_state())
+    return list(comm.diagnostics)
+
+
+def predict_real_step(experiment, network, nproc: int, cores: int, compute_cache: dict | None = None,
+                      repeats: int = 5) -> tuple[StepPrediction, int]:
+    """Predicted seconds per step of ``experiment`` on ``nproc`` gloo processes (one worker each), and the
+    payload bits per step of the probed ledger (to check against the real run's ledger)."""
+    from sim.cost import measure_codec, measure_compute, step_time
+    from sim.cost.whatif import probe_ledger
+    from sim.run import Simulation
+
+    threads, share = threads_per_process(nproc, cores), cpu_share(nproc, cores)
+    simulation = Simulation(experiment.replace(workers=1))
+    shapes = simulation.shapes
+    key = (experiment.task, experiment.batch_size, threads)
+    cache = compute_cache if compute_cache is not None else {}
+    if key not in cache:
+        x = simulation.task.train_x[:experiment.batch_size]
+        y = simulation.task.train_y[:experiment.batch_size]
+        fwd_bwd = _with_threads(threads, lambda: measure_compute(simulation.model, x, y, repeats=repeats)).total
+        cache[key] = (local_step_samples(experiment, threads), fwd_bwd)
+    samples, fwd_bwd = cache[key]
+    local = expected_slowest(samples, nproc)
+    aggregator = experiment.make_compressor()
+    codec = _with_threads(threads, lambda: measure_codec(aggregator, shapes, repeats=repeats))
+    records = probe_ledger(experiment.make_compressor(), shapes, seed=experiment.seed, workers=nproc)
+    ledger = step_time(network, records, nproc, overlap="none")
+    diagnostics = step_time(network, diagnostic_records(experiment, nproc), nproc, overlap="none")
+    prediction = StepPrediction(local * share, codec * share, ledger.exposed, diagnostics.exposed,
+                                ledger.collectives + diagnostics.collectives, fwd_bwd * share)
+    return prediction, ledger.bits
+
+
+def measure_real_steps(task: str, nproc: int, compressors=REAL_COMPRESSORS, steps: int = REAL_STEPS,
+                       repeats: int = REAL_REPEATS, timeout: float = 300.0) -> list[dict]:
+    """Run every compressor ``repeats`` times, interleaved, in one set of ``nproc`` gloo processes (after a
+    short warm-up run); per compressor: the median and 20th percentile of the pooled steady per-step seconds
+    (stamped inside the processes: no start-up), and the real ledger's bits per step."""
+    import sim
+
+    warmup = real_experiment(task, nproc, compressors[0], steps=SKIP_STEPS + 2)
+    runs = [real_experiment(task, nproc, c, steps) for _ in range(repeats) for c in compressors]
+    results = sim.run_distributed([warmup, *runs], nproc=nproc, backend="gloo", workers_per_process=1,
+                                  timeout=timeout)[1:]
+    rows = []
+    for i, compressor in enumerate(compressors):
+        mine = results[i::len(compressors)]
+        pooled = sorted(t for r in mine for t in steady_steps(r.extras["step_seconds"]))
+        rows.append({"task": task, "nproc": nproc, "compressor": label(compressor),
+                     "measured": statistics.median(pooled), "measured_q20": pooled[int(0.2 * (len(pooled) - 1))],
+                     "steps_timed": len(pooled), "real_bits_per_step": mine[0].extras["ledger_bits"] / steps})
+    return rows
+
+
+def label(compressor) -> str:
+    options = ",".join(f"{k}={v}" for k, v in compressor.items() if k != "name")
+    return f"{compressor['name']}({options})" if options else compressor["name"]
+
+
+def real_step_table(networks: dict, tasks=REAL_TASKS, nprocs=REAL_NPROCS, compressors=REAL_COMPRESSORS,
+                    steps: int = REAL_STEPS, repeats: int = REAL_REPEATS) -> pd.DataFrame:
+    """Predicted vs measured seconds per step for every (task, nproc, compressor); ``networks``: nproc -> Network."""
+    cores = os.cpu_count() or 1
+    rows, cache = [], {}
+    for task in tasks:
+        for nproc in nprocs:
+            measured = measure_real_steps(task, nproc, compressors, steps, repeats)
+            for compressor, row in zip(compressors, measured):
+                prediction, bits = predict_real_step(real_experiment(task, nproc, compressor, steps), networks[nproc],
+                                                     nproc, cores, cache)
+                row.update(compute=prediction.compute, codec=prediction.codec, comm_ledger=prediction.comm_ledger,
+                           comm_diagnostics=prediction.comm_diagnostics, collectives=prediction.collectives,
+                           predicted=prediction.total,
+                           fwd_bwd=prediction.fwd_bwd, ledger_matches=bits == row["real_bits_per_step"])
+                rows.append(row)
+    table = pd.DataFrame(rows)
+    table["rel_error"] = (table.predicted - table.measured) / table.measured
+    only_fwd_bwd = table.predicted - table.compute + table.fwd_bwd
+    table["rel_error_fwd_bwd"] = (only_fwd_bwd - table.measured) / table.measured
+    return table
+
+
+def real_steps_section(calibration, steps: int, repeats: int) -> tuple[pd.DataFrame, tuple[float, float]]:
+    """The real-step table on the calibrated per-nproc networks (the joint fit where an nproc was not
+    calibrated), and the 1-minute load average before and after measuring."""
+    networks = {p: calibration.networks.get(p, calibration.joint) for p in REAL_NPROCS}
+    before = os.getloadavg()[0]
+    table = real_step_table(networks, steps=steps, repeats=repeats)
+    return table, (before, os.getloadavg()[0])
+
+
+def real_steps_markdown(table: pd.DataFrame) -> str:
+    """Milliseconds per step by component, predicted vs measured, |relative error| per run."""
+    ms = ["compute", "codec", "comm_ledger", "comm_diagnostics", "predicted", "measured", "measured_q20"]
+    shown = table[["task", "nproc", "compressor", *ms, "collectives", "rel_error"]].copy()
+    shown[ms] = shown[ms] * 1e3
+    shown["|error|"] = [f"{abs(e):.1%}" for e in shown.pop("rel_error")]
+    shown = shown.rename(columns={"compute": "local work", "comm_ledger": "comm: ledger",
+                                  "comm_diagnostics": "comm: diagnostics", "measured_q20": "measured q20"})
+    return markdown(shown, "{:.2f}")
 
 
 def markdown(frame: pd.DataFrame, floatfmt: str = "{:.3g}") -> str:
@@ -56,6 +291,8 @@ def main() -> None:
     parser.add_argument("--measurements", default=None, help="reuse a CSV written by a previous run")
     parser.add_argument("--nproc", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--out", default=str(ROOT / "docs" / "cost_model.md"))
+    parser.add_argument("--real-steps", type=int, default=REAL_STEPS, help="steps per real run")
+    parser.add_argument("--real-repeats", type=int, default=REAL_REPEATS, help="runs per compressor, interleaved")
     args = parser.parse_args()
 
     measured = pd.read_csv(args.measurements) if args.measurements else None
@@ -84,6 +321,9 @@ def main() -> None:
                    compute="v100")
     wide = table.pivot_table(index=["network", "workers"], columns="compressor", values="speedup").reset_index()
     step = table.pivot_table(index=["network", "workers"], columns="compressor", values="step_s").reset_index()
+    real, real_load = real_steps_section(result, args.real_steps, args.real_repeats)
+    real.to_csv(results / "real-steps-gloo.csv", index=False)
+    real_error = float(real.rel_error.abs().median())
     cpu = os.cpu_count()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
@@ -145,6 +385,53 @@ the time is set by the scheduler more than by any link, and one (alpha, beta) fo
 per p. Other jobs running on the machine during calibration add noise that no model of the network can
 predict. Gloo's all-gather of more than a few MiB allocates a fresh output buffer per call (page faults),
 which bends its curve upward beyond what a linear beta can follow.
+
+## Real training steps: predicted vs measured (gloo, 127.0.0.1)
+
+The real runs of the real-distributed issue: `sim.run_distributed(experiment, nproc=p, backend="gloo",
+workers_per_process=1)` on {", ".join(REAL_TASKS)}, {REAL_BATCH} samples per worker, p in {", ".join(map(str, REAL_NPROCS))},
+compressors {", ".join(label(c) for c in REAL_COMPRESSORS)}. For each task and p, one set of processes runs a short
+warm-up and then every compressor {args.real_repeats} times, interleaved, {args.real_steps} steps each. Measured: the
+per-step seconds stamped inside the processes after every step (`Result.extras["step_seconds"]`, so process
+start-up is excluded), without each run's first {SKIP_STEPS} steps and its last (the final evaluation), pooled over
+the repeats: the median, and the 20th percentile beside it (the calibration's statistic).
+
+Predicted (all in `scripts/write_cost_model_doc.py`, `predict_real_step`), overlap "none" (our gloo runs
+communicate after the backward pass, synchronously):
+
+- local work: the steps of `sim.run`'s own loop with one worker, the identity aggregator and no network
+  (sampling, forward/backward through `torch.func.vmap`, the non-finite checks, SGD, the metrics), timed with
+  the threads per process `sim.run_distributed` uses; the expected slowest of p draws from their distribution
+  (a synchronous step waits for its slowest worker; `expected_slowest`), times the CPU share
+  max(1, p x threads / cores) (p CPU-bound processes time-sharing {cpu} cores). Forward/backward alone (`sim.cost.measure_compute`) is a fraction of it
+  on these small models: with it in place of the loop's local work the median error would be
+  {real.rel_error_fwd_bwd.abs().median():.1%}.
+- encode/decode: `sim.cost.measure_codec` (one worker's `aggregate` minus the dense path's), times the CPU share.
+- comm, ledger: the ledger of one probed simulated step with p workers (`sim.cost.whatif.probe_ledger`),
+  priced by `sim.cost.step_time` on the network calibrated above for that p. The probed bits per step equal
+  the real runs' ledger bits per step: {"yes, for every run" if real.ledger_matches.all() else "NO for some runs (see the CSV)"}.
+- comm, diagnostics: the collectives `sim.run`'s loop issues every step outside the ledger (by design: they are
+  measurements, not the algorithm), counted on one simulated step (`diagnostic_records`): today 4 float64
+  scalars (mean train loss, two "any rank non-finite?" votes, memory norm) and the exact mean gradient for
+  `compression_error` (one dense all-reduce per parameter tensor), priced the same way. They are part of what the real runs do; note that the exact
+  mean makes every real run, compressed or not, all-reduce its dense gradient once per step.
+
+Milliseconds per step (`collectives`: synchronisation points per step; CSV: `results/real-steps-gloo.csv`).
+1-minute load average while measuring: {real_load[0]:.1f} before, {real_load[1]:.1f} after ({cpu} cores).
+
+{real_steps_markdown(real)}
+
+Median |relative error| over the {len(real)} runs: **{real_error:.1%}** (target <= 20%:
+{"met" if real_error <= 0.2 else "missed"}).
+
+Where the error comes from. Every collective is a synchronisation point: it ends when the slowest process
+arrives. The calibration times each collective right after a barrier and keeps a low quantile (ranks aligned,
+uncontended); inside a training step nothing aligns the ranks, so each of the step's collectives also pays the
+other processes' lateness (their own local work, or their preemption by the scheduler). On a machine with
+spare cores this is small; when other jobs load the machine (or p exceeds the cores), every one of the
+synchronisation points waits for a process to be scheduled again, and the measured step exceeds the
+prediction by roughly (collectives per step) x (scheduling delay). The measured-q20 column shows how much of
+the gap is contention of the moment.
 
 ## What-if: the paper's ResNet-18 (V100 compute, 128 images per worker)
 

@@ -137,7 +137,10 @@ def run_on_rank(rank: int, world: int, experiments: list[Experiment], ks: list[i
     out = []
     for e, k in zip(experiments, ks):
         comm = DistributedCollective(k, timeout=collective_timeout)
-        result = run(e, comm=comm, local_workers=comm.local_workers)
+        stamps: list[float] = []  # perf_counter after every step: per-step seconds without process start-up
+        result = run(e, comm=comm, local_workers=comm.local_workers,
+                     on_step=lambda _sim, _state: stamps.append(time.perf_counter()))
+        result.extras["step_seconds"] = [b - a for a, b in zip(stamps, stamps[1:])]  # steps 2..N (+ their evals)
         result.buffers = {name: _gather(comm, b) for name, b in result.buffers.items()}  # (W, *shape)
         result.extras.update(_summary(comm, result, world, k))
         out.append(result)
