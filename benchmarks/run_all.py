@@ -4,6 +4,7 @@ results section of BENCHMARKS.md rewritten with the same figures and the machine
     python -m benchmarks.run_all            # the full run (about 10 minutes on 2 cores)
     python -m benchmarks.run_all --quick    # fewer repetitions (a smoke run)
     python -m benchmarks.run_all --only overhead torch_hook
+    python -m benchmarks.run_all --threads 2  # intra-op threads of every timed side (default 1)
 """
 from __future__ import annotations
 
@@ -70,7 +71,10 @@ def main(argv=None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--only", nargs="*", choices=BENCHMARKS, help="run only these benchmarks")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads for every timed side (default 1: see BENCHMARKS.md, 'Threads')")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     about = machine()
     print("machine:", about, flush=True)
     metrics: dict[str, float] = {}

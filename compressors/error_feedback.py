@@ -47,6 +47,11 @@ class ErrorFeedback(Aggregator):
         if self.mode == "ef21":
             return self._reduce_ef21(grads, state, comm, want_local)
         corrected = {n: g + state.memory[n].to(g.dtype) for n, g in grads.items()}  # x_i = g_i + e_i
+        if self.mode == "local" and not want_local and hasattr(self.inner, "reduce_residual"):
+            # The kernel forms x_i - C_i(x_i) itself, into x_i (this wrapper's own temporary): one fused pass.
+            reduced, inner_state, residuals = self.inner.reduce_residual(corrected, state.inner, comm)
+            memory = {n: r.to(state.memory[n].dtype) for n, r in residuals.items()}
+            return Reduced(reduced.update, None), ErrorFeedbackState(memory, state.estimate, inner_state)
         need_local = want_local or self.mode == "local"
         reduced, inner_state = self.inner.reduce(corrected, state.inner, comm, want_local=need_local)
         against = reduced.local if self.mode == "local" else reduced.update  # averaged: the update all apply

@@ -58,15 +58,53 @@ def keep_nonzero(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]) -> 
             for k, v in new.items()}
 
 
-def _batch(grads, group: Group, workers: int) -> torch.Tensor:
-    """A group's matrices of every worker, (W, G, n, m), contiguous (the layout ``torch.stack`` gives).
+#: Members of at least this many elements (all workers) are not stacked: stacking a group copies every member
+#: once, a full pass over W copies of each big matrix; one matmul per member costs only a few more dispatches.
+STACK_BELOW_ELEMENTS = 1 << 16
+
+
+def _batch(grads, group: Group, workers: int, allow_members: bool = False) -> torch.Tensor | list[torch.Tensor]:
+    """A group's matrices of every worker: one (W, G, n, m) tensor (the layout ``torch.stack`` gives), or, when
+    ``allow_members`` and the members are big, the list of G (W, n, m) views (no copy; see ``_left``/``_right``).
 
     A group of one matrix is a view of the gradient (no copy: saves a pass over W copies of it); nothing
-    downstream writes into ``matrices``, so the caller's gradients are never touched either way.
+    downstream writes into the result, so the caller's gradients are never touched either way.
     """
     if len(group.names) == 1:
         return grads[group.names[0]].reshape(workers, group.n, group.m).contiguous().unsqueeze(1)
-    return torch.stack([grads[n].reshape(workers, group.n, group.m) for n in group.names], dim=1)
+    members = [grads[n].reshape(workers, group.n, group.m) for n in group.names]  # views when contiguous
+    if allow_members and workers * group.n * group.m >= STACK_BELOW_ELEMENTS:
+        return members
+    return torch.stack(members, dim=1)
+
+
+def _left(matrices, factor: torch.Tensor) -> torch.Tensor:
+    """M_i Q for every worker and member: (W, G, n, m) @ (G, m, r) -> (W, G, n, r)."""
+    if isinstance(matrices, list):
+        return torch.stack([torch.matmul(m, factor[j]) for j, m in enumerate(matrices)], dim=1)
+    return torch.matmul(matrices, factor)
+
+
+def _right(matrices, factor: torch.Tensor) -> torch.Tensor:
+    """M_i^T P for every worker and member: (W, G, n, m)^T @ (G, n, r) -> (W, G, m, r)."""
+    if isinstance(matrices, list):
+        return torch.stack([torch.matmul(m.transpose(-1, -2), factor[j]) for j, m in enumerate(matrices)], dim=1)
+    return torch.matmul(matrices.transpose(-1, -2), factor)
+
+
+def _subtract_lowrank_(x: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """x_i <- x_i - P Q_i^T for every worker, in one fused pass over x when it can be written as (W, n, m).
+
+    x: (W, *shape) with the matrix view n x m, p: (n, r) shared, q: (W, m, r) per worker. ``baddbmm`` reads
+    and writes x once instead of materialising the (W, n, m) reconstruction and subtracting it (two passes
+    and a W-copy allocation); the result differs from ``x - P Q_i^T`` only in rounding.
+    """
+    workers, n, m = q.shape[0], p.shape[0], q.shape[1]
+    if x.is_contiguous():
+        view = x.view(workers, n, m)  # (W, n, m), shares x's memory
+        view.baddbmm_(p.expand(workers, n, p.shape[1]), q.transpose(-1, -2), alpha=-1)
+        return x
+    return x - torch.matmul(p, q.transpose(-1, -2)).reshape(x.shape)
 
 
 class PowerSGDKernel(Aggregator):
@@ -96,18 +134,46 @@ class PowerSGDKernel(Aggregator):
 
     # -- one step ----------------------------------------------------------------------------------------
     def reduce(self, grads, state, comm, want_local=False):
+        return self._reduce(grads, state, comm, want_local, residual=False)
+
+    def reduce_residual(self, x, state, comm):
+        """``reduce(x)`` that also leaves each worker's residual x_i - C_i(x_i) in ``x`` (overwritten in place).
+
+        For local error feedback, whose x = g + e is its own temporary: the residual is formed by one fused
+        pass (``_subtract_lowrank_``) instead of building C_i(x_i) and subtracting it. Returns
+        (Reduced(update, None), state, residuals) with ``residuals[name]`` x[name] itself (or, where it
+        could not be written in place, a new tensor).
+        """
+        return self._reduce(x, state, comm, want_local=False, residual=True)
+
+    def _reduce(self, grads, state, comm, want_local, residual):
         workers = check_grads("powersgd", grads)
         groups = group_by_matrix_shape({n: g.shape[1:] for n, g in grads.items()}, self.rank)
         generator = torch.Generator().manual_seed(0)
         generator.set_state(state.rng)
-        matrices = {gr.key: _batch(grads, gr, workers) for gr in groups}  # (W, G, n, m), never written to
-        if self.variant == "paper":
-            update, local, p, q = self._paper(groups, matrices, state, generator, comm, want_local)
+        paper = self.variant == "paper"
+        matrices = {gr.key: _batch(grads, gr, workers, allow_members=paper) for gr in groups}  # never written to
+        if paper:
+            update, local, p, q = self._paper(groups, matrices, state, generator, comm, want_local or residual)
         else:
-            update, local, p, q = self._alternating(groups, matrices, state, generator, comm, want_local)
+            update, local, p, q = self._alternating(groups, matrices, state, generator, comm, want_local or residual)
         new_state = PowerSGDState(state.step + 1, generator.get_state(), p, q)
-        return Reduced(self._unstack(groups, update, grads), self._unstack(groups, local, grads, workers)
-                       if want_local else None), new_state
+        update = self._unstack(groups, update, grads)
+        if residual:
+            if paper:  # local holds the factors (P^, Q_i): fuse the reconstruction into the subtraction
+                residuals = {}
+                for gr in groups:
+                    p_hat, q_local = local[gr.key]  # (G, n, r), (W, G, m, r)
+                    for j, name in enumerate(gr.names):
+                        residuals[name] = _subtract_lowrank_(grads[name], p_hat[j], q_local[:, j])
+            else:
+                local = self._unstack(groups, local, grads, workers)
+                residuals = {name: torch.sub(x, local[name], out=x) if x.is_contiguous() else x - local[name]
+                             for name, x in grads.items()}
+            return Reduced(update, None), new_state, {name: residuals[name] for name in grads}
+        if want_local and paper:
+            local = {k: torch.matmul(p_hat, q_local.transpose(-1, -2)) for k, (p_hat, q_local) in local.items()}
+        return Reduced(update, self._unstack(groups, local, grads, workers) if want_local else None), new_state
 
     def _fresh(self, shape, generator, like):
         return torch.randn(shape, generator=generator).to(dtype=like.dtype, device=like.device)
@@ -123,21 +189,23 @@ class PowerSGDKernel(Aggregator):
         return out
 
     def _paper(self, groups, matrices, state, generator, comm, want_local):
+        """-> update (G, n, m) per group, local factors (P^ (G, n, r), Q_i (W, G, m, r)) per group (or None),
+        and the new P, Q (the caller reconstructs P^ Q_i^T only if it needs it)."""
         q = {}
         for gr in groups:
-            like = matrices[gr.key]
+            members = matrices[gr.key]
+            like = members[0] if isinstance(members, list) else members
             q[gr.key] = (state.q[gr.key].to(like.dtype) if self.warm_start
                          else self._fresh((len(gr.names), gr.m, gr.rank), generator, like))
         p_hat, q_local = {}, {}
         for _ in range(self.num_iters_per_step):
-            p_local = {k: torch.matmul(matrices[k], q[k]) for k in q}  # (W, G, n, r)
+            p_local = {k: _left(matrices[k], q[k]) for k in q}  # (W, G, n, r)
             p_mean = self._all_reduce(p_local, comm, "powersgd.p")
             p_hat = {k: self._orth(v) for k, v in p_mean.items()}  # (G, n, r)
-            q_local = {k: torch.matmul(matrices[k].transpose(-1, -2), p_hat[k]) for k in q}  # (W, G, m, r)
+            q_local = {k: _right(matrices[k], p_hat[k]) for k in q}  # (W, G, m, r)
             q = self._all_reduce(q_local, comm, "powersgd.q")  # (G, m, r)
         update = {k: torch.matmul(p_hat[k], q[k].transpose(-1, -2)) for k in q}  # (G, n, m)
-        local = ({k: torch.matmul(p_hat[k], q_local[k].transpose(-1, -2)) for k in q}  # (W, G, n, m)
-                 if want_local else None)
+        local = {k: (p_hat[k], q_local[k]) for k in q} if want_local else None
         return update, local, p_hat, (keep_nonzero(q, state.q) if self.warm_start else state.q)
 
     def _alternating(self, groups, matrices, state, generator, comm, want_local):

@@ -48,7 +48,7 @@ class BatchSampler:
         self.shards = shards
         self.batch_size = batch_size
         self.seed = seed
-        self._epoch_perm: dict[int, tuple[int, np.ndarray]] = {}  # worker -> (epoch, permutation): a cache only
+        self._epoch_order: dict[int, tuple[int, torch.Tensor]] = {}  # worker -> (epoch, shard in that epoch's order): a cache only
 
     def worker_batch(self, worker: int, step: int) -> torch.Tensor:
         shard = self.shards[worker]
@@ -58,11 +58,11 @@ class BatchSampler:
             return shard[torch.as_tensor(picks)]
         per_epoch = size // b
         epoch, position = divmod(step, per_epoch)
-        cached = self._epoch_perm.get(worker)
-        if cached is None or cached[0] != epoch:
-            cached = (epoch, _rng(self.seed, 4, worker, epoch).permutation(size))
-            self._epoch_perm[worker] = cached
-        return shard[torch.as_tensor(cached[1][position * b:(position + 1) * b])]
+        cached = self._epoch_order.get(worker)
+        if cached is None or cached[0] != epoch:  # once per epoch: the shard permuted, then batches are slices
+            cached = (epoch, shard[torch.as_tensor(_rng(self.seed, 4, worker, epoch).permutation(size))])
+            self._epoch_order[worker] = cached
+        return cached[1][position * b:(position + 1) * b]
 
     def batch(self, workers: range, step: int) -> torch.Tensor:
         return torch.stack([self.worker_batch(w, step) for w in workers])  # (k, B)
