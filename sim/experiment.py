@@ -47,6 +47,9 @@ class Experiment:
     dtype: str = "float32"
     network: Any = None  # None, a preset name, a dict or a sim.cost.Network: adds a `sim_time` column
     nonfinite: str = "raise"  # NaN/Inf gradients: "raise" or "skip_step" (drop the step, keep state clean)
+    # compression_error needs the exact mean gradient: free in the simulator, but on real processes a dense
+    # all-reduce (untracked by the ledger) every measured step. 0: never; real-speed runs should use 0 or large.
+    compression_error_every: int = 1
     keep_ledger: bool = False  # keep every ledger record of the run's collective; False: totals only (flat memory)
 
     def __post_init__(self):
@@ -80,6 +83,7 @@ class Experiment:
         check_choice(own, "dtype", self.dtype, DTYPES)
         check_choice(own, "nonfinite", self.nonfinite, NONFINITE_POLICIES)
         check_bool(own, "keep_ledger", self.keep_ledger)
+        check_int(own, "compression_error_every", self.compression_error_every, minimum=0)
         if self.network is not None:
             from .cost import resolve_network  # the cost model validates its own fields
             resolve_network(self.network)

@@ -113,7 +113,10 @@ class Simulation:
             from .cost import price_step
             sim_time += price_step(self.network, comm.ledger.step_records, e.workers)
             metrics["sim_time"] = sim_time
-        metrics.update(bits=bits, compression_error=self._compression_error(grads, sums, update),
+        every = e.compression_error_every
+        measured = every > 0 and (state.step + 1) % every == 0
+        metrics.update(bits=bits, compression_error=self._compression_error(grads, sums, update) if measured
+                       else math.nan,
                        memory_norm=self._memory_norm(agg_state, leaves, squares), skipped_steps=state.skipped_steps)
         return TrainState(state.step + 1, params, buffers, opt_state, agg_state, bits,
                           state.skipped_steps, sim_time), metrics

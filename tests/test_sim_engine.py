@@ -100,3 +100,16 @@ def test_synthetic_lowrank_gradient_spectrum_follows_the_decay():
 def test_any_worker_count_runs_even_with_shards_smaller_than_a_batch():
     result = sim.run(sim.Experiment(task="digits-mlp", workers=200, steps=2, batch_size=16, eval_every=0))
     assert result.history["train_loss"].notna().all()
+
+
+def test_compression_error_is_measured_every_nth_step_or_never():
+    e = sim.Experiment(task="digits-mlp", workers=2, steps=6, batch_size=4, eval_every=0,
+                       task_options={"hidden": (16,)}, compressor={"name": "powersgd", "rank": 1})
+    every_step = sim.run(e).history
+    third = sim.run(e.replace(compression_error_every=3)).history
+    never = sim.run(e.replace(compression_error_every=0)).history
+    assert every_step["compression_error"].notna().all()
+    assert list(third["compression_error"].notna()) == [False, False, True, False, False, True]
+    assert third["compression_error"].iloc[2] == every_step["compression_error"].iloc[2]
+    assert never["compression_error"].isna().all()
+    assert never["train_loss"].equals(every_step["train_loss"])  # a measurement, not part of the algorithm
