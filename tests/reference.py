@@ -11,6 +11,7 @@ import torch
 
 import compressors
 from compressors.powersgd import PowerSGDState, group_by_matrix_shape
+from sim.collective import VirtualCollective
 
 
 def reference_mean(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -154,3 +155,34 @@ class ReferencePowerSGD:
 
     def mean_memory(self, name: str) -> torch.Tensor:
         return reference_mean(self.memory[name])
+
+
+def run_steps(agg, grads_list, shapes, workers, seed=0, dtype=torch.float32):
+    """Feed a list of gradient dicts to a fresh aggregator on a fresh virtual collective."""
+    state = agg.init(shapes, workers=workers, seed=seed, dtype=dtype)
+    comm = VirtualCollective(workers)
+    updates = []
+    for grads in grads_list:
+        update, state = agg.aggregate(grads, state, comm)
+        updates.append(update)
+    return updates, state, comm
+
+
+def flat_leaves(tree) -> list:
+    """Every leaf of a nested state (dicts in key order, tuples, lists) in a fixed order."""
+    if isinstance(tree, dict):
+        return [x for k in sorted(tree) for x in flat_leaves(tree[k])]
+    if isinstance(tree, (tuple, list)):
+        return [x for item in tree for x in flat_leaves(item)]
+    return [tree]
+
+
+def assert_identical_leaves(a, b) -> None:
+    """Two nested states hold the same leaves bitwise (tensors: dtype, shape and values)."""
+    la, lb = flat_leaves(a), flat_leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+        else:
+            assert type(x) is type(y) and x == y

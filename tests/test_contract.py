@@ -14,7 +14,7 @@ import torch
 
 import compressors
 from compressors.base import Aggregator, Reduced, TheoryClaim
-from reference import exact_mean
+from reference import exact_mean, run_steps
 from sim.collective import VirtualCollective
 
 SHAPES = {"w": (6, 5), "conv": (4, 2, 3, 3), "b": (6,), "big": (16, 12)}
@@ -42,13 +42,7 @@ def grads_for(seed: int, dtype=torch.float32, workers=WORKERS, shapes=SHAPES):
 
 
 def run(agg, grads_list, seed=0, dtype=torch.float32, workers=WORKERS, shapes=SHAPES):
-    state = agg.init(shapes, workers=workers, seed=seed, dtype=dtype)
-    comm = VirtualCollective(workers)
-    updates = []
-    for grads in grads_list:
-        update, state = agg.aggregate(grads, state, comm)
-        updates.append(update)
-    return updates, state, comm
+    return run_steps(agg, grads_list, shapes, workers, seed=seed, dtype=dtype)
 
 
 def clone_tree(x):

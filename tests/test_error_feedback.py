@@ -12,7 +12,7 @@ import compressors
 import theory
 from compressors.base import Aggregator, Reduced, TheoryClaim, dtype_bits, numel
 from compressors.error_feedback import ErrorFeedback, ErrorFeedbackState
-from reference import exact_mean
+from reference import exact_mean, run_steps
 from sim.collective import VirtualCollective
 
 F64 = torch.float64
@@ -77,12 +77,7 @@ def test_conservation(kind, ef, workers, seed):
     # sum_t update_t + mean_i e_i == sum_t mean_i g_i, for every tensor (uncompressed ones have no memory).
     agg = AGGREGATORS[kind](ef)
     grads_list = stream(SHAPES, workers, 5, seed)
-    state = agg.init(SHAPES, workers=workers, seed=seed, dtype=F64)
-    comm = VirtualCollective(workers)
-    updates = []
-    for grads in grads_list:
-        update, state = agg.aggregate(grads, state, comm)
-        updates.append(update)
+    updates, state, _ = run_steps(agg, grads_list, SHAPES, workers, seed=seed, dtype=F64)
     memory = ef_state(state).memory
     assert memory, "error feedback keeps a memory for the compressed tensors"
     for name in SHAPES:

@@ -10,7 +10,7 @@ import compressors
 import theory
 from compressors.policies import PartitionState
 from compressors.powersgd import PowerSGDState, group_by_matrix_shape
-from reference import ReferencePowerSGD, exact_mean, initial_factors, reference_orthogonalize
+from reference import ReferencePowerSGD, exact_mean, initial_factors, reference_orthogonalize, run_steps
 from sim.collective import VirtualCollective
 
 F64 = torch.float64
@@ -36,13 +36,7 @@ def random_grads(shapes, workers, seed, dtype=F64, scale=1.0):
 
 
 def run(agg, grads_list, workers, seed=0, dtype=F64):
-    state = agg.init(shapes_of(grads_list[0]), workers=workers, seed=seed, dtype=dtype)
-    comm = VirtualCollective(workers)
-    updates = []
-    for grads in grads_list:
-        update, state = agg.aggregate(grads, state, comm)
-        updates.append(update)
-    return updates, state, comm
+    return run_steps(agg, grads_list, shapes_of(grads_list[0]), workers, seed=seed, dtype=dtype)
 
 
 def kernel_state(state) -> PowerSGDState:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import sim
+from reference import assert_identical_leaves
 from sim import checkpoint
 
 TINY = {"dim_in": 12, "dim_out": 10, "samples": 64, "test_samples": 8}
@@ -30,23 +31,7 @@ def interrupt_at(step: int):
     return on_step
 
 
-def flat(tree) -> list:
-    """Every leaf of a nested state in a fixed order (tensors and plain numbers)."""
-    if isinstance(tree, dict):
-        return [x for k in sorted(tree) for x in flat(tree[k])]
-    if isinstance(tree, (tuple, list)):
-        return [x for item in tree for x in flat(item)]
-    return [tree]
-
-
-def assert_identical(a, b):
-    la, lb = flat(a), flat(b)
-    assert len(la) == len(lb)
-    for x, y in zip(la, lb):
-        if isinstance(x, torch.Tensor):
-            assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
-        else:
-            assert type(x) is type(y) and x == y
+assert_identical = assert_identical_leaves
 
 
 COMPRESSORS = [

@@ -2,18 +2,10 @@
 registered compressor (the registry is read at collection time, so new compressors are covered)."""
 import pandas as pd
 import pytest
-import torch
 
 import compressors
 import sim
-
-
-def flat(tree) -> list:
-    if isinstance(tree, dict):
-        return [x for k in sorted(tree) for x in flat(tree[k])]
-    if isinstance(tree, (tuple, list)):
-        return [x for item in tree for x in flat(item)]
-    return [tree]
+from reference import assert_identical_leaves
 
 
 @pytest.mark.parametrize("name", sorted(compressors.REGISTRY))
@@ -26,13 +18,7 @@ def test_same_experiment_twice_is_bitwise_identical(name):
     first, second = sim.run(e), sim.run(e)
     pd.testing.assert_frame_equal(first.history, second.history, check_exact=True)
     assert first.history["train_loss"].notna().all()
-    a, b = flat(first.extras["final_state"]), flat(second.extras["final_state"])
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        if isinstance(x, torch.Tensor):
-            assert x.dtype == y.dtype and torch.equal(x, y)
-        else:
-            assert x == y
+    assert_identical_leaves(first.extras["final_state"], second.extras["final_state"])
 
 
 def test_a_different_seed_changes_the_history():
