@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import compressors
 from sim.collective import VirtualCollective
@@ -35,6 +37,9 @@ def test_parameter_counts(resnet_shapes):
     assert sum(len(s) == 4 for s in resnet_shapes.values()) == 20  # 17 3x3 convs + 3 1x1 shortcuts
     assert lstm["embedding.weight"] == (28869, 650) and "decoder_bias" in lstm
     assert sum(name.startswith("lstm.weight_ih") for name in lstm) == 3
+    # nn.LSTM's names and shapes (the unrolled LSTM keeps them): 4h x h input and recurrent weights, two biases
+    assert lstm["lstm.weight_ih_l2"] == lstm["lstm.weight_hh_l0"] == (4 * 650, 650)
+    assert lstm["lstm.bias_ih_l1"] == lstm["lstm.bias_hh_l1"] == (4 * 650,) and len(lstm) == 2 + 3 * 4
 
 
 @pytest.mark.parametrize("rank,ratio", [(1, 243), (2, 136), (4, 72), (7, 42)])
@@ -85,3 +90,34 @@ def test_models_run_forward():
 def test_lstm_bad_vocab_names_the_field():
     with pytest.raises(ValueError, match="vocab_size"):
         lstm_wikitext2(vocab_size=0)
+
+
+class TorchLSTMLanguageModel(nn.Module):
+    """The reference: the same language model on nn.LSTM (what lstm_wikitext2 was before it was unrolled)."""
+
+    def __init__(self, vocab_size: int, hidden: int, layers: int):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, hidden)
+        self.lstm = nn.LSTM(hidden, hidden, num_layers=layers, batch_first=True)
+        self.decoder_bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, tokens):
+        out, _ = self.lstm(self.embedding(tokens))
+        return F.linear(out, self.embedding.weight, self.decoder_bias)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_unrolled_lstm_model_equals_the_nn_lstm_model(seed):
+    """Same generator -> bit-identical parameters as the nn.LSTM model (init_parameters gives the unrolled
+    LSTM nn.LSTM's U(-1/sqrt h, 1/sqrt h) in nn.LSTM's order), and the same logits."""
+    ours = build(lambda: lstm_wikitext2(vocab_size=40, hidden=12, layers=3), torch.Generator().manual_seed(seed),
+                 dtype=torch.float64)
+    ref = build(lambda: TorchLSTMLanguageModel(40, 12, 3), torch.Generator().manual_seed(seed), dtype=torch.float64)
+    ours_state, ref_state = ours.state_dict(), ref.state_dict()
+    assert list(ours_state) == list(ref_state)
+    for name in ref_state:
+        assert torch.equal(ours_state[name], ref_state[name]), name
+    for name, p in ours.lstm.named_parameters():
+        assert 0.9 / 12 ** 0.5 < p.abs().max() <= 1 / 12 ** 0.5, name
+    tokens = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(ours(tokens), ref(tokens), rtol=1e-12, atol=1e-12)

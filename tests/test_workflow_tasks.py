@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,26 +14,45 @@ from torch import nn
 
 import sim
 from sim.tasks import load_task
-from sim.tasks.charlm import LSTMCellLayer, read_corpus, stdlib_dir, windows
+from sim.models.lstm import UnrolledLSTM
+from sim.tasks.charlm import read_corpus, stdlib_dir, windows
 from sim.tasks.cifar10 import MEAN, STD
 
 TINY_CHARLM = {"corpus_bytes": 20_000, "seq_len": 12, "embedding": 8, "hidden": 16}
 
 
 # -- charlm -------------------------------------------------------------------------------------------------
-def test_lstm_cell_layer_matches_torch_lstm():
-    """The vmap-friendly LSTM equals nn.LSTM (the slow obvious reference) with the same weights."""
+def test_unrolled_lstm_matches_torch_lstm():
+    """The vmap-friendly LSTM equals nn.LSTM (the slow obvious reference) with the same weights: outputs, final
+    states, with and without an initial state; the state dicts are interchangeable (same names and shapes)."""
     g = torch.Generator().manual_seed(0)
-    ours, ref = LSTMCellLayer(5, 7).double(), nn.LSTM(5, 7, batch_first=True).double()
+    ours, ref = UnrolledLSTM(5, 7, num_layers=2).double(), nn.LSTM(5, 7, num_layers=2, batch_first=True).double()
+    assert [(n, p.shape) for n, p in ours.named_parameters()] == [(n, p.shape) for n, p in ref.named_parameters()]
     with torch.no_grad():
-        for p in list(ours.parameters()):
+        for p in ours.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
-        ref.weight_ih_l0.copy_(ours.ih.weight)
-        ref.bias_ih_l0.copy_(ours.ih.bias)
-        ref.weight_hh_l0.copy_(ours.hh.weight)
-        ref.bias_hh_l0.copy_(ours.hh.bias)
+    ref.load_state_dict(ours.state_dict())
     x = torch.randn(3, 6, 5, generator=g, dtype=torch.float64)  # (B, T, in)
-    torch.testing.assert_close(ours(x), ref(x)[0], rtol=1e-12, atol=1e-12)
+    state = tuple(torch.randn(2, 3, 7, generator=g, dtype=torch.float64) for _ in range(2))  # (L, B, h) each
+    for hx in (None, state):
+        out, (h, c) = ours(x, hx)
+        ref_out, (ref_h, ref_c) = ref(x, hx)
+        torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(h, ref_h, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(c, ref_c, rtol=1e-12, atol=1e-12)
+
+
+def test_charlm_lstm_gets_the_lstm_init():
+    """U(-1/sqrt h, 1/sqrt h) for every LSTM parameter (not nn.Linear's 1/sqrt(fan_in): 1/sqrt(8) > 1/sqrt(16)
+    for the first layer's input weights here), and all of that range is used."""
+    task = load_task("charlm-lstm", dict(TINY_CHARLM, layers=2), torch.float32)
+    model = sim.models.build(task.model, torch.Generator().manual_seed(0))
+    bound = 1 / math.sqrt(TINY_CHARLM["hidden"])
+    lstm = dict(model.lstm.named_parameters())
+    assert len(lstm) == 8 and lstm["weight_ih_l0"].shape == (64, 8)
+    for name, p in lstm.items():
+        assert p.abs().max() <= bound, name
+        assert p.abs().max() > 0.9 * bound, name
 
 
 def test_charlm_corpus_is_the_stdlib_in_sorted_order():
@@ -199,13 +219,19 @@ def test_wikitext2_missing_files_error_names_them(tmp_path):
         sim.Experiment(task="wikitext2-lstm", task_options={"data_dir": str(tmp_path), "eval_split": "train"})
 
 
-def test_wikitext2_vmap_engine_matches_loop_engine(tmp_path):
-    """nn.LSTM has no vmap batching rule (torch falls back to a per-worker loop): check it still agrees.
-    float32 only: in float64 (no mkldnn kernel) torch 2.13's fallback fails inside nn.LSTM under vmap."""
+def test_wikitext2_vmap_engine_matches_loop_engine_in_float64(tmp_path):
+    """The LSTM is unrolled (no nn.LSTM), so vmap batches it natively: no fallback warning, and float64 works
+    (with nn.LSTM it failed in float64 and warned about aten::mkldnn_rnn_layer in float32)."""
     write_wikitext(tmp_path)
-    e = sim.Experiment(task="wikitext2-lstm", workers=2, steps=1, batch_size=2, eval_every=0,
+    e = sim.Experiment(task="wikitext2-lstm", workers=2, steps=2, batch_size=2, eval_every=0, dtype="float64",
                        task_options={"data_dir": str(tmp_path), "seq_len": 3, "hidden": 5, "layers": 2},
                        compressor={"name": "powersgd", "rank": 1})
-    fast, slow = sim.run(e), sim.run(e.replace(engine="loop"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = sim.run(e)
+    assert not [w for w in caught if "batching rule" in str(w.message)], [str(w.message) for w in caught]
+    slow = sim.run(e.replace(engine="loop"))
+    assert fast.params.keys() == slow.params.keys() and any("lstm.weight_hh_l1" in n for n in fast.params)
     for name in fast.params:
-        torch.testing.assert_close(fast.params[name], slow.params[name], rtol=1e-4, atol=1e-6)
+        assert fast.params[name].dtype == torch.float64
+        torch.testing.assert_close(fast.params[name], slow.params[name], rtol=1e-10, atol=1e-12)

@@ -11,6 +11,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .lstm import UnrolledLSTM
+
 
 def build(factory: Callable[[], nn.Module], generator: torch.Generator, device="cpu",
           dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -48,7 +50,7 @@ def init_parameters(module: nn.Module, generator: torch.Generator) -> None:
         elif isinstance(sub, nn.Embedding):
             with torch.no_grad():
                 sub.weight.copy_(torch.randn(sub.weight.shape, generator=generator, dtype=torch.float64))
-        elif isinstance(sub, (nn.LSTM, nn.GRU, nn.RNN)):
+        elif isinstance(sub, (nn.LSTM, nn.GRU, nn.RNN, UnrolledLSTM)):  # UnrolledLSTM: nn.LSTM's names/order
             bound = 1.0 / math.sqrt(sub.hidden_size)
             for p in sub.parameters(recurse=False):
                 _uniform_(p, bound, generator)

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lstm import UnrolledLSTM
+
 #: The paper's parameter counts (Table 1 of the PowerSGD paper).
 RESNET18_CIFAR_PARAMETERS = 11_173_962
 LSTM_WIKITEXT2_VOCAB = 28_869
@@ -70,13 +72,15 @@ def resnet18_cifar(classes: int = 10) -> nn.Module:
 
 class LSTMLanguageModel(nn.Module):
     """Embedding -> LSTM -> decoder whose weight *is* the embedding matrix (tied by construction: the decoder
-    owns only its bias, so tying survives ``to_empty``, ``functional_call`` and state-dict round trips)."""
+    owns only its bias, so tying survives ``to_empty``, ``functional_call`` and state-dict round trips).
+
+    The LSTM is ``UnrolledLSTM`` (same parameters, names and function as ``nn.LSTM``) because ``nn.LSTM`` has
+    no vmap batching rule: the simulator's vmap engine would loop over workers, and fail in float64."""
 
     def __init__(self, vocab_size: int, hidden: int = 650, layers: int = 3, dropout: float = 0.0):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, hidden)
-        self.lstm = nn.LSTM(hidden, hidden, num_layers=layers, dropout=dropout if layers > 1 else 0.0,
-                            batch_first=True)
+        self.lstm = UnrolledLSTM(hidden, hidden, num_layers=layers, dropout=dropout if layers > 1 else 0.0)
         self.dropout = nn.Dropout(dropout)
         self.decoder_bias = nn.Parameter(torch.zeros(vocab_size))
 

@@ -10,6 +10,9 @@ and the last ``test_fraction`` as held-out text, each cut into non-overlapping w
 bytes: x = window[:-1], y = window[1:]. Every window is an independent sequence (the hidden state starts at
 zero; no state is carried between batches, unlike truncated BPTT over a stream).
 
+Model: byte embedding -> ``sim.models.lstm.UnrolledLSTM`` (nn.LSTM's parameters and function, unrolled so the
+vmap engine batches it; LSTM init U(-1/sqrt h, 1/sqrt h)) -> linear decoder to 256 logits.
+
 Reported as perplexity: exp(mean per-byte cross-entropy) on the held-out text (``sim.store`` adds the
 ``test_perplexity`` column to the history of every task whose loader has ``reports_perplexity = True``).
 """
@@ -22,54 +25,21 @@ import torch
 from torch import nn
 
 from compressors.options import check_float, check_int, invalid
+from ..models.lstm import UnrolledLSTM
 from .base import Task
 
 VOCAB = 256  # bytes
-
-
-class LSTMCellLayer(nn.Module):
-    """One LSTM layer from two nn.Linear maps, unrolled in Python over time.
-
-    Gates (Hochreiter & Schmidhuber 1997, with the forget gate of Gers et al. 2000), PyTorch's gate order:
-        i, f, g, o = split(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)
-        c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g);  h_t = sigmoid(o) * tanh(c_t)
-    Only matmuls and pointwise ops, so ``vmap(grad(...))`` over workers batches it natively (``nn.LSTM``
-    has no batching rule: under vmap it loops over workers in float32 and fails in float64). Parameter shapes
-    equal nn.LSTM's (weight_ih (4h, in), weight_hh (4h, h), two biases (4h)).
-    """
-
-    def __init__(self, inputs: int, hidden: int):
-        super().__init__()
-        self.hidden = hidden
-        self.ih = nn.Linear(inputs, 4 * hidden)
-        self.hh = nn.Linear(hidden, 4 * hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, inputs) -> (B, T, hidden)
-        batch, steps = x.shape[0], x.shape[1]
-        h = x.new_zeros(batch, self.hidden)  # (B, h)
-        c = x.new_zeros(batch, self.hidden)
-        projected = self.ih(x)  # (B, T, 4h): the input half of every gate, for all steps at once
-        outputs = []
-        for t in range(steps):
-            i, f, g, o = (projected[:, t] + self.hh(h)).chunk(4, dim=-1)  # each (B, h)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            outputs.append(h)
-        return torch.stack(outputs, dim=1)  # (B, T, h)
 
 
 class CharLSTM(nn.Module):
     def __init__(self, embedding: int = 32, hidden: int = 128, layers: int = 1):
         super().__init__()
         self.embedding = nn.Embedding(VOCAB, embedding)
-        sizes = [embedding] + [hidden] * layers
-        self.layers = nn.ModuleList(LSTMCellLayer(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.lstm = UnrolledLSTM(embedding, hidden, num_layers=layers)  # vmap-friendly (no nn.LSTM)
         self.decoder = nn.Linear(hidden, VOCAB)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) int64 -> (B, T, 256) logits
-        x = self.embedding(tokens)  # (B, T, e)
-        for layer in self.layers:
-            x = layer(x)
+        x, _ = self.lstm(self.embedding(tokens))  # (B, T, h)
         return self.decoder(x)
 
 

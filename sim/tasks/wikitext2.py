@@ -10,8 +10,8 @@ larger than the paper's 28,869-word count); a valid/test word missing from it ma
 stream is cut into non-overlapping windows of ``seq_len + 1``: x = window[:-1], y = window[1:], each an
 independent sequence (no hidden state carried between batches). Reported as perplexity = exp(test loss).
 
-The model uses ``nn.LSTM``, which has no vmap batching rule in torch 2.13: the vmap engine falls back to a
-per-worker loop (a warning, same numbers) in float32, and fails in float64; use ``engine="loop"`` for float64.
+The model's LSTM is ``sim.models.lstm.UnrolledLSTM`` (nn.LSTM's parameters, unrolled from matmuls), so the
+vmap engine batches it natively in float32 and float64 (``nn.LSTM`` has no vmap batching rule in torch 2.13).
 """
 from __future__ import annotations
 
