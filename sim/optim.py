@@ -25,19 +25,23 @@ class SGD:
         return SGDState({name: torch.zeros_like(p) for name, p in params.items()})
 
     def step(self, params: Tensors, update: Tensors, state: SGDState, lr: float) -> tuple[Tensors, SGDState]:
-        """d = u + wd * theta; m <- mu m + d; step = d + mu m (Nesterov) or m; theta <- theta - lr * step."""
+        """d = u + wd * theta; m <- mu m + d; step = d + mu m (Nesterov) or m; theta <- theta - lr * step.
+
+        The same operations, in the same order, as ``torch.optim.SGD`` (fused ``add(alpha=)``: one pass each),
+        so the big-batch oracle matches it to rounding and big models pay few passes over their parameters.
+        """
         new_params, new_momentum = {}, {}
         for name, p in params.items():
             d = update[name].to(p.dtype)
             if self.weight_decay:
-                d = d + self.weight_decay * p
+                d = d.add(p, alpha=self.weight_decay)
             if self.momentum:
-                m = self.momentum * state.momentum[name] + d
+                m = state.momentum[name].mul(self.momentum).add_(d)
                 new_momentum[name] = m
-                d = d + self.momentum * m if self.nesterov else m
+                d = d.add(m, alpha=self.momentum) if self.nesterov else m
             else:
                 new_momentum[name] = state.momentum[name]
-            new_params[name] = p - lr * d
+            new_params[name] = p.add(d, alpha=-lr)
         return new_params, SGDState(new_momentum)
 
 
