@@ -120,8 +120,14 @@ class DistributedCollective:
 
     def average_metric(self, value: float) -> float:
         """The mean of a python float over processes (float64 on the wire); no ledger record."""
-        buffer = torch.tensor([float(value)], dtype=torch.float64)  # (1,): one row, this process
-        return float(self._sum(buffer.unsqueeze(0), "average_metric", "metric").item()) / self.world
+        return self.average_metrics([value])[0]
+
+    def average_metrics(self, values: list[float]) -> list[float]:
+        """``[average_metric(v) for v in values]`` in ONE all-reduce of len(values) float64s: every collective
+        is a synchronisation point costing ~alpha plus the ranks' arrival skew, so a step's scalars travel
+        together. Elementwise the same SUM then / world as ``average_metric``."""
+        buffer = torch.tensor([[float(v) for v in values]], dtype=torch.float64)  # (1, n): one row, this process
+        return [float(s) / self.world for s in self._sum(buffer, "average_metric", "metric").tolist()]
 
     def barrier(self) -> None:
         """Wait for every process (a tiny all-reduce, so it obeys the same timeout); no ledger record."""

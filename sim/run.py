@@ -91,19 +91,23 @@ class Simulation:
         grads, losses, buffers = self.engine.gradients(state.params, state.buffers, x, y)
         metrics = {"step": state.step + 1, "lr": learning_rate(state.step, e.lr, e.lr_warmup_steps,
                                                                 e.lr_milestones, e.lr_decay)}
-        metrics["train_loss"] = self._average(float(losses.mean()))
         # One read of each (k, *shape) gradient serves both the finiteness check (a non-finite element makes
         # its column sum non-finite) and, below, the exact mean the compression error is measured against.
         sums = {name: g.sum(0) for name, g in grads.items()}  # (*shape)
         bad = _nonfinite(grads, {name: s.sum() for name, s in sums.items()})
-        if self._anywhere(bad):  # checked before the compressor sees the gradients: its state stays clean
+        # The mean train loss travels with the vote: one collective (one synchronisation point) for both.
+        metrics["train_loss"], anywhere = self._average_many([float(losses.mean()), 1.0 if bad else 0.0])
+        if anywhere > 0:  # checked before the compressor sees the gradients: its state stays clean
             return self._skip(state, metrics, f"non-finite gradient in {bad or 'another process'}")
         comm.ledger.begin_step()
         update, agg_state = self.aggregator.aggregate(grads, state.aggregator, comm)
         leaves = dict(_float_leaves(agg_state))  # path -> tensor
         squares = {path: squared_norm(t) for path, t in leaves.items()}  # one read each: check and memory norm
         bad = _nonfinite(update) + [f"state {path}" for path in _nonfinite(leaves, squares)]
-        if self._anywhere(bad):  # finite gradients, non-finite result: an overflow inside the compressor
+        # The memory norm's squared sum travels with the second vote (one collective for both).
+        memory_square, anywhere = self._average_many([self._memory_square(agg_state, leaves, squares),
+                                                      1.0 if bad else 0.0])
+        if anywhere > 0:  # finite gradients, non-finite result: an overflow inside the compressor
             return self._skip(state, metrics, f"non-finite compressor output in {bad or 'another process'} from "
                                               "finite gradients (an overflow, e.g. of a 16-bit cast or factor)")
         params, opt_state = self.optimizer.step(state.params, update, state.optimizer, metrics["lr"])
@@ -117,13 +121,16 @@ class Simulation:
         measured = every > 0 and (state.step + 1) % every == 0
         metrics.update(bits=bits, compression_error=self._compression_error(grads, sums, update) if measured
                        else math.nan,
-                       memory_norm=self._memory_norm(agg_state, leaves, squares), skipped_steps=state.skipped_steps)
+                       memory_norm=math.sqrt(memory_square), skipped_steps=state.skipped_steps)
         return TrainState(state.step + 1, params, buffers, opt_state, agg_state, bits,
                           state.skipped_steps, sim_time), metrics
 
-    def _anywhere(self, bad: list[str]) -> bool:
-        """Whether any process found a problem (real runs must all skip or raise together, or they deadlock)."""
-        return self._average(1.0 if bad else 0.0) > 0
+    def _average_many(self, values: list[float]) -> list[float]:
+        """``[self._average(v) for v in values]`` in one collective where the comm offers ``average_metrics``.
+        Real runs must all skip or raise together (or they deadlock): a vote of 1.0/0.0 averaged > 0 means
+        some process found a problem."""
+        many = getattr(self.comm, "average_metrics", None)
+        return list(many(values)) if many is not None else [self._average(v) for v in values]
 
     def _skip(self, state: TrainState, metrics: dict[str, float], what: str) -> tuple[TrainState, dict[str, float]]:
         """nonfinite="raise": raise naming the step and tensors; "skip_step": keep the state, count the step."""
@@ -167,8 +174,9 @@ class Simulation:
             ref += float(squared_norm(exact))
         return math.sqrt(err / ref) if ref > 0 else math.sqrt(err)
 
-    def _memory_norm(self, agg_state, leaves: Tensors, squares: Tensors) -> float:
-        """``compressors.memory_norm``, from the squared norms already taken for the finiteness check."""
+    def _memory_square(self, agg_state, leaves: Tensors, squares: Tensors) -> float:
+        """This process's memory_norm**2 before the average over processes (``compressors.memory_norm``: sum over
+        memories of ||m||^2 / rows), from the squared norms already taken for the finiteness check."""
         square_of = {id(t): squares[path] for path, t in leaves.items()}
         total = 0.0
         for m in memory_tensors(agg_state):
@@ -176,7 +184,7 @@ class Simulation:
             if not math.isfinite(value):  # a float32 overflow of a finite residual: redo it exactly
                 value = float(m.double().pow(2).sum())
             total += value / max(m.shape[0], 1)
-        return math.sqrt(self._average(total))
+        return total
 
 
 def _nonfinite(tensors: Tensors, probes: Tensors | None = None) -> list[str]:

@@ -3,7 +3,7 @@
 Timings are not asserted (machine-dependent); what is asserted could fail: the per-step stamps exist for every
 step after the first and are positive, the prediction is finite and positive, its components add up, the
 probed ledger sends exactly what the real run's ledger recorded, and the diagnostic collectives counted on a
-simulated step are the ones ``sim.run``'s loop issues (4 scalars plus the dense gradient).
+simulated step are the ones ``sim.run``'s loop issues (4 scalars in 2 collectives plus the dense gradient).
 """
 from __future__ import annotations
 
@@ -57,10 +57,11 @@ def test_diagnostic_records_and_cpu_share():
     experiment = sim.Experiment(task="digits-mlp", workers=4, steps=1, batch_size=4,
                                 task_options={"hidden": [5]})
     records = doc.diagnostic_records(experiment, workers=4)
-    # what sim.run's loop averages over processes each step: 4 float64 scalars, then the exact mean gradient
+    # what sim.run's loop averages over processes each step: 4 float64 scalars batched two per collective
+    # (train loss + first non-finite vote, memory norm + second vote), then the exact mean gradient
     shapes = [(5, 64), (5,), (10, 5), (10,)]
     scalars = [r for r in records if r.dtype == "float64"]
-    assert len(scalars) == 4 and all(r.bits == 64 for r in scalars)
+    assert len(scalars) == 2 and all(r.bits == 2 * 64 and r.numel == 2 for r in scalars)
     assert sorted(r.bits for r in records if r.dtype != "float64") == sorted(32 * math.prod(s) for s in shapes)
     assert all(r.op == "all_reduce" and r.workers == 4 for r in records)
     assert doc.cpu_share(2, cores=2) == 1.0 and doc.cpu_share(4, cores=2) == 2.0 and doc.cpu_share(4, cores=16) == 1.0
