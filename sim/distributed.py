@@ -9,7 +9,7 @@ workers being a local row sum plus a real all-reduce. Rank 0's ``Result`` comes 
 gathered from every process (W, ...) as in ``sim.run``.
 
 ``spawn`` is the underlying launcher (also used by the tests): fresh processes (start method "spawn"), a
-process group on a free 127.0.0.1 port, one deadline for the whole run, and a clear error naming the rank
+process group (file rendezvous in a fresh temporary directory), one deadline for the whole run, and a clear error naming the rank
 when any process raises, dies or hangs; the survivors are terminated, never left behind.
 """
 from __future__ import annotations
@@ -56,7 +56,10 @@ def spawn(fn: Callable[..., Any], nproc: int, args: tuple = (), *, backend: str 
         raise ValueError(f"spawn: backend={backend!r} is invalid; allowed: {', '.join(BACKENDS)}")
     threads = threads if threads is not None else max(1, (os.cpu_count() or 1) // nproc)
     with tempfile.TemporaryDirectory(prefix="sim-dist-") as outdir:
-        context = mp.start_processes(_child, args=(fn, nproc, free_port(), backend, collective_timeout, threads,
+        # Rendezvous through a file in our own fresh directory, not a "free" TCP port: a port found free can be
+        # taken by another process before rank 0 binds it (a race under parallel test workers).
+        rendezvous = "file://" + os.path.join(outdir, "rendezvous")
+        context = mp.start_processes(_child, args=(fn, nproc, rendezvous, backend, collective_timeout, threads,
                                                    outdir, args), nprocs=nproc, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
         try:
@@ -78,13 +81,13 @@ def spawn(fn: Callable[..., Any], nproc: int, args: tuple = (), *, backend: str 
         return results
 
 
-def _child(rank, fn, world, port, backend, collective_timeout, threads, outdir, args):
+def _child(rank, fn, world, init_method, backend, collective_timeout, threads, outdir, args):
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=collective_timeout))
     result = fn(rank, world, *args)
     torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))

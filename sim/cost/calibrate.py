@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -41,24 +40,16 @@ QUANTILE = 0.2
 DEFAULT_SIZES = tuple(2**k for k in range(2, 26))  # 4 B .. 32 MiB, factor 2: every other one is held out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _trials(size: int) -> int:
     return 30 if size < 2**16 else 12 if size < 2**22 else 5
 
 
-def _worker(rank: int, nproc: int, port: int, backend: str, sizes, out_path: str) -> None:
+def _worker(rank: int, nproc: int, init_method: str, backend: str, sizes, out_path: str) -> None:
     import torch
     import torch.distributed as dist
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)  # nproc processes share the cores: no intra-op oversubscription
-    dist.init_process_group(backend, rank=rank, world_size=nproc)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=nproc)
     rows = []
     # Sizes and ops in a fixed shuffled order: a burst of load from other processes then spreads over
     # sizes instead of bending one contiguous stretch of the curve.
@@ -104,7 +95,8 @@ def measure(nproc: int, backend: str = "gloo", sizes=DEFAULT_SIZES) -> pd.DataFr
         raise ValueError(f"calibrate: backend={backend!r} is invalid; allowed: 'gloo' (CPU, 127.0.0.1)")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
-        mp.spawn(_worker, args=(nproc, _free_port(), backend, tuple(sizes), out), nprocs=nproc, join=True)
+        rendezvous = "file://" + os.path.join(tmp, "rendezvous")  # no TCP port to race for
+        mp.spawn(_worker, args=(nproc, rendezvous, backend, tuple(sizes), out), nprocs=nproc, join=True)
         return pd.DataFrame(json.loads(Path(out).read_text()))
 
 
