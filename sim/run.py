@@ -226,11 +226,6 @@ def _float_leaves(tree, path: str = ""):
         yield from _float_leaves(value, f"{path}.{key}" if path else str(key))
 
 
-def _nonfinite_leaves(tree) -> list[str]:
-    """Paths of the floating-point tensors holding a NaN/Inf in a nested state."""
-    return _nonfinite(dict(_float_leaves(tree)))
-
-
 def _should_eval(experiment: Experiment, step: int) -> bool:
     return step == experiment.steps or (experiment.eval_every > 0 and step % experiment.eval_every == 0)
 

@@ -20,7 +20,7 @@ from compressors.error_feedback import ErrorFeedback
 from compressors.powersgd import PowerSGDKernel
 from compressors.state_tree import memory_norm, squared_norm
 from sim.collective import VirtualCollective
-from sim.run import _all_finite, _nonfinite, _nonfinite_leaves
+from sim.run import _all_finite, _float_leaves, _nonfinite
 
 F64 = torch.float64
 SHAPES = {"a": (6, 5), "b": (6, 5), "c": (4, 2, 3), "d": (7, 3)}  # a, b: one group of two members
@@ -103,7 +103,7 @@ def test_finiteness_probe_equals_isfinite_all(shape, bad, dtype):
     assert _all_finite(t) == expected
     assert (_nonfinite({"t": t}, {"t": squared_norm(t)}) == []) == expected
     assert (_nonfinite({"t": t.unsqueeze(0)}, {"t": t.unsqueeze(0).sum(0).sum()}) == []) == expected
-    assert (_nonfinite_leaves({"s": (t, {"u": t})}) == []) == expected
+    assert (_nonfinite(dict(_float_leaves({"s": (t, {"u": t})}))) == []) == expected  # as Simulation.step
 
 
 def test_memory_norm_float32_matches_float64_reference():
