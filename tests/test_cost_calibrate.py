@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from sim.__main__ import SUBCOMMANDS, build_parser, main
-from sim.cost.calibrate import calibrate, design, measure
+from sim.cost.calibrate import calibrate, design, fit_sync, measure
 from theory import collectives as tc
 
 
@@ -79,3 +79,16 @@ def test_cli_is_extensible(monkeypatch):
     assert main(["run", "--steps", "7"]) == 7
     args = build_parser().parse_args(["calibrate", "--nproc", "2", "3"])
     assert args.nproc == [2, 3] and args.backend == "gloo"
+
+
+def test_fit_sync_is_least_squares_through_the_origin():
+    # exact data: every run's gap is 0.8 ms per collective
+    assert fit_sync([2.4e-3, 4.0e-3], [3, 5]) == pytest.approx(8e-4, rel=1e-12)
+    # the closed form against numpy's least squares on noisy gaps
+    gaps, counts = np.array([2.0e-3, 4.5e-3, 1.1e-3]), np.array([3, 5, 2])
+    (expected,), *_ = np.linalg.lstsq(counts[:, None].astype(float), gaps, rcond=None)
+    assert fit_sync(gaps, counts) == pytest.approx(expected, rel=1e-12)
+    assert fit_sync([-1e-3, -2e-3], [3, 5]) == 0.0  # over-predicted runs: no negative cost per collective
+    for gaps, counts in (([], []), ([1e-3], [0]), ([1e-3, 2e-3], [3]), ([float("nan")], [3])):
+        with pytest.raises(ValueError, match="fit_sync"):
+            fit_sync(gaps, counts)

@@ -97,6 +97,8 @@ def test_resolve_network_forms():
     ({"alpha": 1e-6, "bandwidth": 1e9, "devices_per_node": 0}, "devices_per_node"),
     ({"alpha": 1e-6, "bandwidth": 1e9, "intra_bandwidth": 0}, "intra_bandwidth"),
     ({"alpha": 1e-6, "bandwidth": 1e9, "latency": 1}, "latency"),
+    ({"alpha": 1e-6, "bandwidth": 1e9, "sync": -1e-3}, "sync"),
+    ({"alpha": 1e-6, "bandwidth": 1e9, "sync": math.nan}, "sync"),
     ({"bandwidth": 1e9}, "alpha"),
     ({"preset": "ethernet-11g"}, "preset"),
     ({"preset": "ethernet-10g", "intra": "nvlink9"}, "preset"),
@@ -118,3 +120,15 @@ def test_bad_workers_name_the_field():
         net.all_reduce_time(1e6, 12)  # spans nodes but is not a multiple of 8
     with pytest.raises(ValueError, match="op"):
         net.time("broadcast", 1e6, 4)
+
+
+@pytest.mark.parametrize("op", ["all_reduce", "all_gather"])
+def test_sync_adds_once_per_collective_and_never_for_one_worker(op):
+    base = PRESETS["dgx1-ethernet-10g"]
+    loaded = base.with_(sync=7e-4)
+    for p in (2, 8, 16, 32):
+        assert loaded.time(op, 1e6, p) == pytest.approx(base.time(op, 1e6, p) + 7e-4, rel=1e-12)
+    assert loaded.time(op, 1e6, 1) == base.time(op, 1e6, 1) == 0.0  # one worker: nothing to wait for
+    # the alpha-beta formulas themselves are untouched (theory agreement holds with sync set)
+    assert loaded.all_reduce_time(1e6, 16) == base.all_reduce_time(1e6, 16)
+    assert Network.from_dict(loaded.to_dict()) == loaded

@@ -76,3 +76,20 @@ def test_expected_slowest_matches_order_statistics():
     assert doc.expected_slowest(samples, 2) == pytest.approx(sum(max(a, b) for a in samples for b in samples) / 16)
     assert doc.expected_slowest([3.0] * 5, 4) == pytest.approx(3.0)  # no spread: no straggler penalty
     assert doc.expected_slowest(samples, 8) <= max(samples)
+
+
+def test_add_sync_fits_on_identity_runs_only_and_prices_every_run():
+    import pandas as pd
+
+    doc = _script()
+    table = pd.DataFrame({
+        "nproc": [2, 2, 2, 4, 4],
+        "compressor": ["identity", "powersgd(rank=2)", "identity", "identity", "topk(ratio=0.01)"],
+        "predicted": [5e-3, 8e-3, 20e-3, 9e-3, 13e-3],
+        "measured": [5e-3 + 3 * 1e-3, 99.0, 20e-3 + 3 * 1e-3, 9e-3 + 3 * 2e-3, 0.0],  # held-out values unused
+        "collectives": [3, 5, 3, 3, 5],
+    })
+    syncs = doc.add_sync(table)
+    assert syncs == {2: pytest.approx(1e-3), 4: pytest.approx(2e-3)}  # the held-out runs' wild values did not move it
+    assert list(table.held_out) == [False, True, False, False, True]
+    assert table.predicted.tolist() == pytest.approx([8e-3, 13e-3, 23e-3, 15e-3, 23e-3])

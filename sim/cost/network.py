@@ -13,6 +13,12 @@ node, N = p / d nodes:
 share through its one NIC). p <= d is one node: the flat formula on the intra link. d = 1 is the flat network.
 Formulas: ``theory.collectives``. ``op_links`` overrides the inter-node link per collective (what ``calibrate``
 fits: gloo's all-reduce and all-gather have different effective alpha and beta).
+
+``sync`` (seconds, default 0) is added once to every collective: what a collective costs inside a running
+training loop beyond its alpha-beta time, when its ranks arrive from unequal local work instead of together
+after a barrier (arrival skew, waking a waiting rank, a rank preempted by the OS). The alpha-beta fit of
+``calibrate`` cannot see it (it times collectives right after a barrier); ``fit_sync`` estimates it from real
+training steps. Presets leave it 0: a dedicated cluster's ranks run on their own cores.
 """
 from __future__ import annotations
 
@@ -58,6 +64,7 @@ class Network:
     intra_alpha: float | None = None  # None: the inter-node link's value
     intra_bandwidth: float | None = None
     op_links: dict = field(default_factory=dict)  # {"all_reduce": {"alpha": a, "bandwidth": b}, ...}
+    sync: float = 0.0  # seconds added to every collective issued from a busy loop (see the module docstring)
     name: str = ""
 
     def __post_init__(self):
@@ -73,6 +80,7 @@ class Network:
             _positive(owner, "intra_alpha", self.intra_alpha, allow_zero=True)
         if self.intra_bandwidth is not None:
             _positive(owner, "intra_bandwidth", self.intra_bandwidth, allow_zero=False)
+        _positive(owner, "sync", self.sync, allow_zero=True)
         if not isinstance(self.op_links, dict):
             raise ValueError(f"{owner}: op_links={self.op_links!r} is invalid; allowed: a dict op -> link")
         for op, link in self.op_links.items():
@@ -150,11 +158,13 @@ class Network:
                 + tc.ring_all_gather((nodes - 1) * m_bytes, d, a_in, b_in))
 
     def time(self, op: str, payload_bytes: float, workers: int) -> float:
-        """Price one collective: ``payload_bytes`` is what ONE worker contributes (the ledger's bits / 8)."""
+        """Price one collective: ``payload_bytes`` is what ONE worker contributes (the ledger's bits / 8);
+        the alpha-beta time plus ``sync`` (none for one worker: nothing to wait for)."""
+        sync = self.sync if workers > 1 else 0.0
         if op == "all_reduce":
-            return self.all_reduce_time(payload_bytes, workers)
+            return self.all_reduce_time(payload_bytes, workers) + sync
         if op == "all_gather":
-            return self.all_gather_time(payload_bytes, workers)
+            return self.all_gather_time(payload_bytes, workers) + sync
         raise ValueError(f"Network.time: op={op!r} is invalid; allowed: {', '.join(OPS)}")
 
     # -- persistence ----------------------------------------------------------------------------------------
