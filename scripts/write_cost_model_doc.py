@@ -421,7 +421,9 @@ def main() -> None:
                            "one fit for all nproc": result.held_out_error(["op", "nproc"], "rel_error_joint")})
     errors = errors.reset_index()
     fits = pd.DataFrame([{"nproc": p, "op": op, "alpha (us)": link["alpha"] * 1e6,
-                          "bandwidth (GB/s)": link["bandwidth"] / 1e9}
+                          "bandwidth (GB/s)": link["bandwidth"] / 1e9,
+                          "knee (KiB)": link["knee_bytes"] / 1024 if "knee_bytes" in link else "none",
+                          "beyond the knee (GB/s)": link.get("bandwidth_above_knee", link["bandwidth"]) / 1e9}
                          for p, net in result.networks.items() for op, link in net.op_links.items()])
     presets = pd.DataFrame([{"preset": name, "alpha (us)": n.alpha * 1e6, "bandwidth (Gbit/s)": n.bandwidth * 8 / 1e9,
                              "devices/node": n.devices_per_node,
@@ -479,7 +481,11 @@ typical small-message figures, the least certain numbers: calibrate for anything
 
 `python -m sim calibrate --backend gloo --nproc 2 3 4` times all-reduce and all-gather from 4 B to 32 MiB
 (factor-2 steps), fits alpha and beta per collective on every other size (relative least squares, alpha,
-beta >= 0) and reports the error on the sizes in between. Seconds per size: the 20th percentile of the
+beta >= 0) and reports the error on the sizes in between. beta is piecewise (`Network`'s knee: one per-byte
+cost up to k bytes, another beyond, k chosen among the fitted sizes from 4 KiB to 8 MiB by the least
+residual): on one host, big messages leave the caches and gloo allocates fresh buffers for them, which bent
+a single-beta fit's largest sizes 25-40% off (22.7% held-out median with one beta vs 18.5% with the knee, on
+the same measurements). Seconds per size: the 20th percentile of the
 repeats (each repeat the slowest rank), the uncontended time; the median is stored beside it in
 `results/calibration-gloo.csv`.
 
@@ -569,8 +575,9 @@ PowerSGD step (aggregate minus its waits: ~1.2 ms over identity's) was about twi
 one-process figure, the largest remaining under-prediction of the compressed runs. The loop's 4 scalar
 all-reduces per step were batched into 2 earlier (`Simulation._average_many`,
 `DistributedCollective.average_metrics`), bitwise the same metrics. Step times at this scale (2-70 ms on a
-shared 2-core VM) move by 10-25% between runs of this script; the held-out error above moved between 12% and
-25% over four runs while this section was developed.
+shared 2-core VM) move by 10-25% between runs of this script; the held-out median error above was 12.4%,
+19.7% and 10.6% in three runs while this section was developed (the calibration's: 22.6%, 22.7% with one
+beta, then 19.2% with the knee).
 
 ## What-if: the paper's ResNet-18 (V100 compute, 128 images per worker)
 

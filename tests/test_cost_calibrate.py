@@ -92,3 +92,31 @@ def test_fit_sync_is_least_squares_through_the_origin():
     for gaps, counts in (([], []), ([1e-3], [0]), ([1e-3, 2e-3], [3]), ([float("nan")], [3])):
         with pytest.raises(ValueError, match="fit_sync"):
             fit_sync(gaps, counts)
+
+
+def test_fit_finds_a_bandwidth_knee_and_prices_it_through_network():
+    """Synthetic gloo-like data whose per-byte cost rises 3x beyond 1 MiB: the knee, both bandwidths and alpha
+    come back, the held-out sizes are predicted exactly, and the saved Network prices like the fit."""
+    knee, alpha, beta, beta_above = 2.0**20, 6e-5, 1 / 3e9, 1 / 1e9
+    rows = []
+    for p in (2, 4):
+        for n in [2**k for k in range(2, 26)]:
+            a, b = design("all_reduce", p, n)
+            per_byte = b / n
+            t = a * alpha + per_byte * (min(n, knee) * beta + max(0, n - knee) * beta_above)
+            rows.append({"op": "all_reduce", "nproc": p, "bytes": n, "seconds": t})
+            rows.append({"op": "all_gather", "nproc": p, "bytes": n, "seconds": tc.ring_all_gather(n, p, alpha, beta)})
+    result = calibrate(measurements=pd.DataFrame(rows))
+    link = result.joint.op_links["all_reduce"]
+    assert link["knee_bytes"] == knee
+    assert link["alpha"] == pytest.approx(alpha, rel=1e-6)
+    assert link["bandwidth"] == pytest.approx(3e9, rel=1e-6)
+    assert link["bandwidth_above_knee"] == pytest.approx(1e9, rel=1e-6)
+    assert result.held_out_error() < 1e-6
+    for n in (4096, 2**20, 3 * 2**21):
+        a, b = design("all_reduce", 4, n)
+        expected = a * alpha + b / n * (min(n, knee) * beta + max(0, n - knee) * beta_above)
+        assert result.networks[4].all_reduce_time(n, 4) == pytest.approx(expected, rel=1e-6)
+    # a knee in data without one changes nothing: both pieces get the same bandwidth
+    gather = result.joint.op_links["all_gather"]
+    assert gather["bandwidth"] == pytest.approx(gather.get("bandwidth_above_knee", gather["bandwidth"]), rel=1e-6)

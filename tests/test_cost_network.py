@@ -98,6 +98,10 @@ def test_resolve_network_forms():
     ({"alpha": 1e-6, "bandwidth": 1e9, "intra_bandwidth": 0}, "intra_bandwidth"),
     ({"alpha": 1e-6, "bandwidth": 1e9, "latency": 1}, "latency"),
     ({"alpha": 1e-6, "bandwidth": 1e9, "sync": -1e-3}, "sync"),
+    ({"alpha": 1e-6, "bandwidth": 1e9, "op_links": {"all_reduce": {"alpha": 0, "bandwidth": 1, "knee_bytes": 8}}},
+     "op_links"),
+    ({"alpha": 1e-6, "bandwidth": 1e9, "op_links": {"all_reduce": {"alpha": 0, "bandwidth": 1, "knee_bytes": 0,
+                                                                    "bandwidth_above_knee": 1}}}, "knee_bytes"),
     ({"alpha": 1e-6, "bandwidth": 1e9, "sync": math.nan}, "sync"),
     ({"bandwidth": 1e9}, "alpha"),
     ({"preset": "ethernet-11g"}, "preset"),
@@ -132,3 +136,14 @@ def test_sync_adds_once_per_collective_and_never_for_one_worker(op):
     # the alpha-beta formulas themselves are untouched (theory agreement holds with sync set)
     assert loaded.all_reduce_time(1e6, 16) == base.all_reduce_time(1e6, 16)
     assert Network.from_dict(loaded.to_dict()) == loaded
+
+
+@given(n=st.floats(1.0, 1e9), factor=st.floats(1.0, 8.0), p=st.integers(2, 16))
+@settings(max_examples=40, deadline=None)
+def test_knee_link_is_piecewise_and_monotone(n, factor, p):
+    knee, fast, slow = 1e6, 4e9, 1e9
+    net = Network(1e-5, 1e9, op_links={"all_reduce": {"alpha": 2e-5, "bandwidth": fast, "knee_bytes": knee,
+                                                      "bandwidth_above_knee": slow}})
+    beta_eff = (min(n, knee) / fast + max(0.0, n - knee) / slow) / n
+    assert net.all_reduce_time(n, p) == pytest.approx(tc.ring_all_reduce(n, p, 2e-5, beta_eff), rel=1e-12)
+    assert net.all_reduce_time(n * factor, p) >= net.all_reduce_time(n, p) * (1 - 1e-12)

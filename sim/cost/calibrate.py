@@ -2,11 +2,13 @@
 2, 3, 4 processes (gloo on 127.0.0.1), fit alpha and beta per collective, save a ``Network``, and report the
 error on message sizes held out of the fit.
 
-Fit: for every measurement i (collective op, p processes, n bytes, median seconds t_i) the ring model of
+Fit: for every measurement i (collective op, p processes, n bytes, seconds t_i) the ring model of
 ``theory.collectives`` is linear in (alpha, beta): t = a_i alpha + b_i beta with a_i = 2(p-1), b_i = 2(p-1)/p n
 (all-reduce) or a_i = p-1, b_i = (p-1) n (all-gather, n per process). We minimise the relative error
 sum_i ((a_i alpha + b_i beta - t_i) / t_i)^2 over alpha, beta >= 0 (non-negative least squares), on every
-other message size; the sizes in between are held out. One (alpha, beta) per collective for all p: the fit is
+other message size; the sizes in between are held out. With a knee k (``Network``'s piecewise beta: beta on
+the first k bytes, beta_above beyond) the model stays linear, in (alpha, beta, beta_above); k is chosen
+among the fitted sizes in ``KNEE_RANGE`` (or none) by the least residual, on the fitted sizes only. One (alpha, beta) per collective for all p: the fit is
 also a test of the model's scaling in p.
 
 Timing: sizes and ops in a fixed shuffled order; per size, a barrier then one timed call, repeated (30 times
@@ -114,26 +116,64 @@ def design(op: str, nproc, n_bytes) -> tuple[np.ndarray, np.ndarray]:
     return p - 1, (p - 1) * n
 
 
-def fit(measurements: pd.DataFrame) -> dict[str, tuple[float, float]]:
-    """{op: (alpha, beta)} by non-negative least squares on relative error."""
+#: Knee candidates (bytes per process): inside the measured range, a few sizes on either side.
+KNEE_RANGE = (2**12, 2**23)
+
+
+@dataclass(frozen=True)
+class Link:
+    """A fitted collective: alpha, beta up to ``knee`` bytes, ``beta_above`` beyond (``Network``'s op link)."""
+
+    alpha: float
+    beta: float
+    knee: float | None = None
+    beta_above: float | None = None
+
+    def as_op_link(self) -> dict:
+        link = {"alpha": self.alpha, "bandwidth": 1.0 / self.beta}
+        if self.knee is not None:
+            link.update(knee_bytes=self.knee, bandwidth_above_knee=1.0 / self.beta_above)
+        return link
+
+
+def _columns(op: str, nproc, n_bytes, knee: float | None) -> np.ndarray:
+    """Design matrix of (alpha, beta[, beta_above]): the ring formula with beta_eff(n) of ``Network``."""
+    a, b = design(op, nproc, n_bytes)
+    if knee is None:
+        return np.stack([a, b], axis=1)
+    n = np.asarray(n_bytes, dtype=float)
+    per_byte = b / n
+    return np.stack([a, per_byte * np.minimum(n, knee), per_byte * np.maximum(0.0, n - knee)], axis=1)
+
+
+def _fit_op(op: str, rows: pd.DataFrame) -> Link:
+    """Non-negative least squares on relative error, with the knee (or none) that leaves the least residual."""
     from scipy.optimize import nnls
 
-    out = {}
-    for op, rows in measurements.groupby("op"):
-        a, b = design(op, rows.nproc, rows.bytes)
-        t = rows.seconds.to_numpy()
-        matrix = np.stack([a / t, b / t], axis=1)
-        (alpha, beta), _ = nnls(matrix, np.ones_like(t))
-        out[op] = (float(alpha), float(max(beta, 1e-15)))
-    return out
+    t = rows.seconds.to_numpy()
+    sizes = sorted(set(rows.bytes))
+    best = None
+    for knee in [None] + [float(k) for k in sizes if KNEE_RANGE[0] <= k <= KNEE_RANGE[1]]:
+        coef, residual = nnls(_columns(op, rows.nproc, rows.bytes, knee) / t[:, None], np.ones_like(t))
+        if best is None or residual < best[0] * (1 - 1e-9):
+            best = (residual, knee, coef)
+    _, knee, coef = best
+    if knee is None:
+        return Link(float(coef[0]), float(max(coef[1], 1e-15)))
+    return Link(float(coef[0]), float(max(coef[1], 1e-15)), knee, float(max(coef[2], 1e-15)))
 
 
-def predict(links: dict[str, tuple[float, float]], measurements: pd.DataFrame) -> np.ndarray:
+def fit(measurements: pd.DataFrame) -> dict[str, Link]:
+    """{op: Link} by non-negative least squares on relative error (``_fit_op``)."""
+    return {op: _fit_op(op, rows) for op, rows in measurements.groupby("op")}
+
+
+def predict(links: dict[str, Link], measurements: pd.DataFrame) -> np.ndarray:
     out = np.empty(len(measurements))
     for i, (op, p, n) in enumerate(zip(measurements.op, measurements.nproc, measurements.bytes)):
-        a, b = design(op, p, n)
-        alpha, beta = links[op]
-        out[i] = a * alpha + b * beta
+        link = links[op]
+        coef = [link.alpha, link.beta] + ([link.beta_above] if link.knee is not None else [])
+        out[i] = float(_columns(op, [p], [n], link.knee)[0] @ np.asarray(coef))
     return out
 
 
@@ -151,9 +191,9 @@ class Calibration:
         return held.groupby(by)[column].apply(lambda e: float(e.abs().median()))
 
 
-def _network(links, name: str) -> Network:
-    op_links = {op: {"alpha": a, "bandwidth": 1.0 / b} for op, (a, b) in links.items()}
-    return Network(alpha=links["all_reduce"][0], bandwidth=1.0 / links["all_reduce"][1], algorithm="ring",
+def _network(links: dict[str, Link], name: str) -> Network:
+    op_links = {op: link.as_op_link() for op, link in links.items()}
+    return Network(alpha=links["all_reduce"].alpha, bandwidth=1.0 / links["all_reduce"].beta, algorithm="ring",
                    op_links=op_links, name=name)
 
 

@@ -12,7 +12,14 @@ node, N = p / d nodes:
 (the two-level scheme of NCCL/Horovod hierarchical all-reduce; the inter-node phase moves the node's whole
 share through its one NIC). p <= d is one node: the flat formula on the intra link. d = 1 is the flat network.
 Formulas: ``theory.collectives``. ``op_links`` overrides the inter-node link per collective (what ``calibrate``
-fits: gloo's all-reduce and all-gather have different effective alpha and beta).
+fits: gloo's all-reduce and all-gather have different effective alpha and beta). An op link may carry a
+knee: ``knee_bytes`` k and ``bandwidth_above_knee``; then a message of n bytes per worker pays beta on its
+first k bytes and beta_above on the rest, i.e. the formulas run with
+
+    beta_eff(n) = (min(n, k) beta + max(0, n - k) beta_above) / n
+
+(a piecewise Hockney model, as MPI libraries tune per message-size range: on one host, messages beyond the
+caches move at memory speed, and gloo allocates fresh buffers for big ones).
 
 ``sync`` (seconds, default 0) is added once to every collective: what a collective costs inside a running
 training loop beyond its alpha-beta time, when its ranks arrive from unequal local work instead of together
@@ -32,6 +39,8 @@ from theory import collectives as tc
 ALGORITHMS = tc.ALL_REDUCE_ALGORITHMS
 OPS = ("all_reduce", "all_gather")
 GBIT = 1e9 / 8  # bytes per second in one Gbit/s
+_LINK_KEYS = {"alpha", "bandwidth"}
+_KNEE_KEYS = {"knee_bytes", "bandwidth_above_knee"}
 GBYTE = 1e9
 
 # all-gather counterpart of each all-reduce algorithm (a tree gathers as a ring does: (p-1) m bytes arrive)
@@ -86,23 +95,33 @@ class Network:
         for op, link in self.op_links.items():
             if op not in OPS:
                 raise ValueError(f"{owner}: op_links key {op!r} is invalid; allowed: {', '.join(OPS)}")
-            if not isinstance(link, dict) or set(link) != {"alpha", "bandwidth"}:
-                raise ValueError(f"{owner}: op_links[{op!r}]={link!r} is invalid; allowed: "
-                                 "a dict with exactly 'alpha' and 'bandwidth'")
+            if not isinstance(link, dict) or set(link) not in (_LINK_KEYS, _LINK_KEYS | _KNEE_KEYS):
+                raise ValueError(f"{owner}: op_links[{op!r}]={link!r} is invalid; allowed: a dict with exactly "
+                                 "'alpha' and 'bandwidth', optionally with both 'knee_bytes' and "
+                                 "'bandwidth_above_knee'")
             _positive(owner, f"op_links[{op!r}].alpha", link["alpha"], allow_zero=True)
             _positive(owner, f"op_links[{op!r}].bandwidth", link["bandwidth"], allow_zero=False)
+            if "knee_bytes" in link:
+                _positive(owner, f"op_links[{op!r}].knee_bytes", link["knee_bytes"], allow_zero=False)
+                _positive(owner, f"op_links[{op!r}].bandwidth_above_knee", link["bandwidth_above_knee"],
+                          allow_zero=False)
 
     # -- links ---------------------------------------------------------------------------------------------
     @property
     def beta(self) -> float:
         return 1.0 / self.bandwidth
 
-    def inter_link(self, op: str) -> tuple[float, float]:
-        """(alpha, beta) of the inter-node (flat) link for this collective."""
+    def inter_link(self, op: str, n_bytes: float = 0.0) -> tuple[float, float]:
+        """(alpha, beta) of the inter-node (flat) link for this collective, beta for an ``n_bytes`` message
+        (``beta_eff(n)`` when the op's link has a knee; see the module docstring)."""
         link = self.op_links.get(op)
-        if link is not None:
-            return float(link["alpha"]), 1.0 / float(link["bandwidth"])
-        return self.alpha, self.beta
+        if link is None:
+            return self.alpha, self.beta
+        beta = 1.0 / float(link["bandwidth"])
+        if "knee_bytes" in link and n_bytes > link["knee_bytes"]:
+            knee, above = float(link["knee_bytes"]), 1.0 / float(link["bandwidth_above_knee"])
+            beta = (knee * beta + (n_bytes - knee) * above) / n_bytes
+        return float(link["alpha"]), beta
 
     def intra_link(self) -> tuple[float, float]:
         alpha = self.alpha if self.intra_alpha is None else self.intra_alpha
@@ -130,13 +149,13 @@ class Network:
         """Seconds to all-reduce an n-byte vector on ``workers`` workers."""
         nodes = self.nodes(workers)
         if self.devices_per_node == 1:
-            alpha, beta = self.inter_link("all_reduce")
+            alpha, beta = self.inter_link("all_reduce", n_bytes)
             return tc.all_reduce(n_bytes, workers, alpha, beta, self.algorithm)
         if nodes == 1:
             return self.flat_intra().all_reduce_time(n_bytes, workers)
         d = self.devices_per_node
         a_in, b_in = self.intra_link()
-        alpha, beta = self.inter_link("all_reduce")
+        alpha, beta = self.inter_link("all_reduce", n_bytes)
         return (tc.ring_reduce_scatter(n_bytes, d, a_in, b_in)
                 + tc.all_reduce(n_bytes, nodes, alpha, beta, self.algorithm)
                 + tc.ring_all_gather(n_bytes / d, d, a_in, b_in))
@@ -146,13 +165,13 @@ class Network:
         nodes = self.nodes(workers)
         gather = _ALL_GATHER[self.algorithm]
         if self.devices_per_node == 1:
-            alpha, beta = self.inter_link("all_gather")
+            alpha, beta = self.inter_link("all_gather", m_bytes)
             return gather(m_bytes, workers, alpha, beta)
         if nodes == 1:
             return self.flat_intra().all_gather_time(m_bytes, workers)
         d = self.devices_per_node
         a_in, b_in = self.intra_link()
-        alpha, beta = self.inter_link("all_gather")
+        alpha, beta = self.inter_link("all_gather", d * m_bytes)
         return (tc.ring_all_gather(m_bytes, d, a_in, b_in)
                 + gather(d * m_bytes, nodes, alpha, beta)
                 + tc.ring_all_gather((nodes - 1) * m_bytes, d, a_in, b_in))
