@@ -6,8 +6,19 @@ backward pass. Everything above that (per-worker gradient materialisation, error
 step's metrics) is the simulator's overhead. Both sides start from the same parameters and see the same
 W*B samples; the simulated side is ``Simulation.step`` exactly as ``sim.run`` calls it (PowerSGD rank 2,
 local error feedback, warm start, momentum 0.9, and the step's metrics).
+
+The ratio falls with the per-worker batch B: the floor's work grows with W*B samples, the simulator's extra
+passes over W per-worker copies of the parameters do not. The metric keys on B = 128, the PowerSGD paper's
+per-worker batch; B = 32 is reported beside it. Each configuration runs in a fresh process, with the
+allocator setting ``python -m sim`` uses (``sim.allocator.keep_freed_memory``) and, beside it, glibc's
+default (which page-faults fresh 64 MB per-worker tensors in every step).
 """
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
 
 import torch
 from torch.func import functional_call
@@ -21,12 +32,12 @@ MODELS = {
     "digits-cnn": {"task": "digits-cnn"},
     "mlp-4x1024": {"task": "digits-mlp", "task_options": {"hidden": (1024, 1024, 1024, 1024)}},
 }
-BATCH = 32
+BATCH = 128  # per worker: the PowerSGD paper's (16 workers x 128 on CIFAR-10)
 COMPRESSOR = {"name": "powersgd", "rank": 2, "error_feedback": "local"}
 
 
-def experiment(model: str, workers: int, **changes) -> sim.Experiment:
-    return sim.Experiment(workers=workers, steps=10_000, batch_size=BATCH, compressor=COMPRESSOR, seed=0,
+def experiment(model: str, workers: int, batch: int = BATCH, **changes) -> sim.Experiment:
+    return sim.Experiment(workers=workers, steps=10_000, batch_size=batch, compressor=COMPRESSOR, seed=0,
                           eval_every=0, **MODELS[model], **changes)
 
 
@@ -65,29 +76,68 @@ class FloorStep:
         self.step += 1
 
 
-def measure(model: str, workers: int, repeats: int) -> dict[str, float]:
-    simulated = SimulatedStep(experiment(model, workers))
+def measure(model: str, workers: int, repeats: int, batch: int = BATCH) -> dict[str, float]:
+    """In this process: the simulated step and its floor, interleaved."""
+    simulated = SimulatedStep(experiment(model, workers, batch))
     floor = FloorStep(simulated.simulation)
-    samples = interleaved({"sim": simulated, "floor": floor}, repeats=repeats, warmup=1)
+    # two warm-up rounds: the heap grows to its steady size before anything is timed
+    samples = interleaved({"sim": simulated, "floor": floor}, repeats=repeats, warmup=2)
     return {"sim_s": median(samples["sim"]), "floor_s": median(samples["floor"]),
             "ratio": ratio_of_medians(samples, "sim", "floor")}
 
 
-#: Worker counts per model. The MLP stops at 16: at W = 64 a step holds ~5 GB of per-worker tensors and
-#: takes minutes on 2 cores (make bench must stay near 10 minutes); W = 256 would need ~20 GB.
+def measure_in_fresh_process(model: str, workers: int, batch: int, allocator: str, repeats: int) -> dict:
+    """``measure`` in a fresh Python process (the same intra-op threads as this one), so every configuration
+    starts from a clean heap and the allocator setting applies to it alone: ``allocator`` is "keep-freed"
+    (``sim.allocator.keep_freed_memory()``, what ``python -m sim`` runs with) or "default" (glibc as is)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    args = [model, str(workers), str(batch), allocator, str(repeats), str(torch.get_num_threads())]
+    out = subprocess.run([sys.executable, "-m", "benchmarks.overhead", *args], env=env, check=True,
+                         capture_output=True, text=True, timeout=1200)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+ALLOCATORS = ("keep-freed", "default")
+#: (model, W, B, allocator) measured; the metric keys on B = 128 (the PowerSGD paper's per-worker batch, as
+#: in tests/test_paper_models.py) with the allocator ``python -m sim`` uses. B = 32 and glibc's default
+#: allocator are reported beside it. W = 256 at B = 128 is a 32,768-sample step: one round takes ~10 s.
+#: The MLP stops at W = 16: at W = 64 a step holds ~5 GB of per-worker tensors and takes minutes on 2 cores.
 SCAN = {"digits-cnn": (1, 4, 16, 64, 256), "mlp-4x1024": (1, 4, 16)}
+SIDE = [(model, 16, batch, allocator) for model in MODELS for batch in (BATCH, 32) for allocator in ALLOCATORS
+        if (batch, allocator) != (BATCH, "keep-freed")]
+
+
+def _key(model: str, workers: int, batch: int, allocator: str) -> str:
+    suffix = ("" if batch == BATCH else f"_b{batch}") + ("" if allocator == "keep-freed" else "_default_malloc")
+    return f"sim_overhead_ratio_w{workers}_{model}{suffix}"
 
 
 def run(quick: bool = False):
+    configs = [(m, w, BATCH, "keep-freed") for m, ws in SCAN.items() for w in ws] + SIDE
     metrics, rows = {}, []
-    for model, ws in SCAN.items():
-        for w in ws:
-            repeats = 3 if quick else (7 if w <= 16 else 3)
-            r = measure(model, w, repeats)
-            rows.append([model, w, fmt_ms(r["sim_s"]), fmt_ms(r["floor_s"]), f"{r['ratio']:.2f}"])
-            metrics[f"sim_overhead_ratio_w{w}_{model}"] = round(r["ratio"], 3)
-            print(f"  overhead {model} W={w}: sim {fmt_ms(r['sim_s'])}, floor {fmt_ms(r['floor_s'])}, "
-                  f"ratio {r['ratio']:.2f}", flush=True)
-    metrics["sim_overhead_ratio_w16"] = max(metrics[f"sim_overhead_ratio_w16_{m}"] for m in MODELS)
-    text = table(["model", "W", "simulated step", "floor (W*B batch SGD)", "ratio (median of rounds)"], rows)
+    for model, w, batch, allocator in configs:
+        repeats = 3 if quick else (7 if w <= 16 else 3)
+        r = measure_in_fresh_process(model, w, batch, allocator, repeats)
+        rows.append([model, w, batch, allocator, fmt_ms(r["sim_s"]), fmt_ms(r["floor_s"]), f"{r['ratio']:.2f}"])
+        metrics[_key(model, w, batch, allocator)] = round(r["ratio"], 3)
+        print(f"  overhead {model} W={w} B={batch} {allocator}: sim {fmt_ms(r['sim_s'])}, "
+              f"floor {fmt_ms(r['floor_s'])}, ratio {r['ratio']:.2f}", flush=True)
+    metrics["sim_overhead_ratio_w16"] = max(metrics[_key(m, 16, BATCH, "keep-freed")] for m in MODELS)
+    text = table(["model", "W", "B per worker", "allocator", "simulated step", "floor (W*B batch SGD)",
+                  "ratio (median of rounds)"], rows)
     return metrics, {"sim_overhead": text}
+
+
+def _child(argv: list[str]) -> None:
+    model, workers, batch, allocator, repeats, threads = argv
+    torch.set_num_threads(int(threads))
+    if allocator == "keep-freed":
+        from sim.allocator import keep_freed_memory
+
+        keep_freed_memory()
+    print(json.dumps(measure(model, int(workers), int(repeats), int(batch))))
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1:])

@@ -164,4 +164,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from sim.allocator import keep_freed_memory
+
+    keep_freed_memory()  # this process is ours: big per-worker tensors reuse freed memory (see sim/allocator.py)
     sys.exit(main())

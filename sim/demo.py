@@ -82,4 +82,7 @@ def plot(history: pd.DataFrame, path: str) -> None:
 
 
 if __name__ == "__main__":
+    from sim.allocator import keep_freed_memory
+
+    keep_freed_memory()  # this process is ours: big per-worker tensors reuse freed memory (see sim/allocator.py)
     main()
