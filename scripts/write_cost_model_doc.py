@@ -197,7 +197,7 @@ def diagnostic_records(experiment, workers: int) -> list:
     design: they are measurements): today the mean train loss, the two "any rank non-finite?" votes and the
     memory norm (float64 scalars) and the exact mean gradient for ``compression_error`` (one dense all-reduce
     per parameter tensor). Counted on one simulated step, so a change of the loop changes the prediction."""
-    from sim.run import Simulation
+    from sim.runner import Simulation
 
     comm = _CountingCollective(workers)
     simulation = Simulation(experiment.replace(workers=workers), comm=comm)
@@ -213,7 +213,7 @@ def predict_real_step(experiment, network, nproc: int, cores: int, compute_cache
     the real runs); default: measured here by ``concurrent_local_step_samples``."""
     from sim.cost import measure_codec, measure_compute, step_time
     from sim.cost.whatif import probe_ledger
-    from sim.run import Simulation
+    from sim.runner import Simulation
 
     threads = threads_per_process(nproc, cores)
     simulation = Simulation(experiment.replace(workers=1))

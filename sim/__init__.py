@@ -7,7 +7,7 @@
 from .collective import Ledger, LedgerRecord, VirtualCollective
 from .experiment import Experiment
 from .result import Result
-from .run import NonFiniteGradientError, Simulation, TrainState, run
+from .runner import NonFiniteGradientError, Simulation, TrainState, run
 from .sweep import sweep
 from .cost import time_to_accuracy, whatif
 from .distributed import run_distributed

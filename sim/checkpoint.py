@@ -39,7 +39,7 @@ _NAME = re.compile(r"^checkpoint-(\d{9})(-w\d+-\d+)?\.pt$")
 
 class Checkpoint(NamedTuple):
     step: int
-    state: Any  # sim.run.TrainState
+    state: Any  # sim.runner.TrainState
     rows: list[dict[str, float]]  # history rows logged up to and including ``step``
     ledger: dict[str, Any]  # {"calls", "total_bits", "records"} of the run's collective
 

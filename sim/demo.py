@@ -12,7 +12,7 @@ import pandas as pd
 
 from .experiment import Experiment
 from .io import write_atomically  # re-exported: older code imports it from here
-from .run import run
+from .runner import run
 
 DEFAULT = Experiment(task="digits-cnn", workers=8, steps=300, batch_size=32, lr=0.05, momentum=0.9,
                      weight_decay=1e-4, eval_every=25, seed=0)

@@ -154,7 +154,7 @@ def run_on_rank(rank: int, world: int, experiments: list[Experiment], ks: list[i
                 collective_timeout: float = 60.0) -> list[Result] | None:
     """What each process runs (also ``python -m sim.launch`` under torchrun): returns rank 0's Results."""
     from .distributed_collective import DistributedCollective
-    from .run import run
+    from .runner import run
 
     out = []
     for e, k in zip(experiments, ks):

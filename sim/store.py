@@ -176,7 +176,7 @@ def sweep_to_dir(base: Experiment, root: str | Path, grid: Mapping[str, Sequence
     """
     from tqdm.auto import tqdm
 
-    from .run import run
+    from .runner import run
     from .sweep import grid_points
 
     seeds = list(seeds) if seeds else [base.seed]

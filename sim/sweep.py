@@ -25,7 +25,7 @@ def sweep(base: Experiment, grid: Mapping[str, Sequence[Any]] | None = None, see
 
     The table has each run's history plus one column per grid key, ``seed``, and ``run`` (a label).
     """
-    from .run import run
+    from .runner import run
 
     points = grid_points(grid or {})
     if not seeds:

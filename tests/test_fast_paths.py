@@ -20,7 +20,7 @@ from compressors.error_feedback import ErrorFeedback
 from compressors.powersgd import PowerSGDKernel
 from compressors.state_tree import memory_norm, squared_norm
 from sim.collective import VirtualCollective
-from sim.run import _all_finite, _float_leaves, _nonfinite
+from sim.runner import _all_finite, _float_leaves, _nonfinite
 
 F64 = torch.float64
 SHAPES = {"a": (6, 5), "b": (6, 5), "c": (4, 2, 3), "d": (7, 3)}  # a, b: one group of two members
