@@ -154,6 +154,12 @@ def _checkpoints(directory: Path, local: range, workers: int) -> list[tuple[int,
     return sorted(found)
 
 
+def checkpoints(directory, local_workers: range, workers: int) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint of these local workers in ``directory``, oldest first."""
+    directory = Path(directory)
+    return _checkpoints(directory, local_workers, workers) if directory.is_dir() else []
+
+
 def latest(directory, local_workers: range | None = None, workers: int | None = None) -> Path | None:
     """The newest checkpoint in ``directory`` (for these local workers), or None if there is none."""
     directory = Path(directory)

@@ -127,16 +127,34 @@ def _terminate(processes) -> None:
 # -- experiments ---------------------------------------------------------------------------------------------
 def run_distributed(experiment: Experiment | Sequence[Experiment], *, nproc: int = 2, backend: str = "gloo",
                     workers_per_process: int | None = None, timeout: float = 600.0,
-                    collective_timeout: float = 60.0, threads: int | None = None) -> Result | list[Result]:
+                    collective_timeout: float = 60.0, threads: int | None = None, checkpoint_dir=None,
+                    checkpoint_every: int | None = None, resume_from=None) -> Result | list[Result]:
     """Run an Experiment (or several, one after the other in the same processes) on ``nproc`` processes.
 
     ``workers_per_process`` defaults to ``experiment.workers // nproc`` and must satisfy
     ``nproc * workers_per_process == experiment.workers``. Returns rank 0's Result (a list for a list).
+
+    ``checkpoint_dir``/``checkpoint_every``/``resume_from`` (one Experiment only): as in ``sim.run``, every
+    process writing its own workers' checkpoints into the shared directory (``checkpoint-<step>-w<a>-<b>.pt``).
+    ``resume_from`` must be that directory: the processes agree on the newest step that every one of them
+    holds (a crash can land between two processes' writes) and all continue from it, bitwise as if never
+    interrupted.
     """
+    from . import checkpoint
+
     experiments = [experiment] if isinstance(experiment, Experiment) else list(experiment)
     if not experiments or not all(isinstance(e, Experiment) for e in experiments):
         raise ValueError("run_distributed: experiment is invalid; allowed: an Experiment or a list of them")
     _check_int("run_distributed", "nproc", nproc, 1)
+    checkpoint.check_options(checkpoint_dir, checkpoint_every, resume_from)
+    checkpointing = {"checkpoint_dir": checkpoint_dir, "checkpoint_every": checkpoint_every,
+                     "resume_from": resume_from}
+    if (checkpoint_dir is not None or resume_from is not None) and len(experiments) != 1:
+        raise ValueError("run_distributed: checkpoint_dir/resume_from are invalid with a list of experiments; "
+                         "allowed: one Experiment")
+    if resume_from is not None and not os.path.isdir(resume_from):
+        raise ValueError(f"run_distributed: resume_from={str(resume_from)!r} is invalid; allowed: an existing "
+                         "checkpoint directory (every process reads its own workers' files there)")
     ks = []
     for e in experiments:
         k = workers_per_process if workers_per_process is not None else e.workers // nproc
@@ -145,28 +163,58 @@ def run_distributed(experiment: Experiment | Sequence[Experiment], *, nproc: int
             raise ValueError(f"run_distributed: workers_per_process={k} is invalid for nproc={nproc} and "
                              f"Experiment.workers={e.workers}; allowed: nproc * workers_per_process == workers")
         ks.append(k)
-    results = spawn(run_on_rank, nproc, (experiments, ks, collective_timeout), backend=backend, timeout=timeout,
-                    collective_timeout=collective_timeout, threads=threads)
+    results = spawn(run_on_rank, nproc, (experiments, ks, collective_timeout, checkpointing), backend=backend,
+                    timeout=timeout, collective_timeout=collective_timeout, threads=threads)
     return results[0][0] if isinstance(experiment, Experiment) else results[0]
 
 
 def run_on_rank(rank: int, world: int, experiments: list[Experiment], ks: list[int],
-                collective_timeout: float = 60.0) -> list[Result] | None:
-    """What each process runs (also ``python -m sim.launch`` under torchrun): returns rank 0's Results."""
+                collective_timeout: float = 60.0, checkpointing: dict | None = None) -> list[Result] | None:
+    """What each process runs (also ``python -m sim.launch`` under torchrun): returns rank 0's Results.
+    ``checkpointing``: ``sim.run``'s checkpoint arguments (``resume_from`` a directory, see ``run_distributed``)."""
     from .distributed_collective import DistributedCollective
     from .runner import run
 
     out = []
     for e, k in zip(experiments, ks):
         comm = DistributedCollective(k, timeout=collective_timeout)
+        options = {name: value for name, value in (checkpointing or {}).items() if value is not None}
+        if "resume_from" in options:
+            options["resume_from"] = agreed_checkpoint(options["resume_from"], e, comm)
         stamps: list[float] = []  # perf_counter after every step: per-step seconds without process start-up
         result = run(e, comm=comm, local_workers=comm.local_workers,
-                     on_step=lambda _sim, _state: stamps.append(time.perf_counter()))
+                     on_step=lambda _sim, _state: stamps.append(time.perf_counter()), **options)
         result.extras["step_seconds"] = [b - a for a, b in zip(stamps, stamps[1:])]  # steps 2..N (+ their evals)
         result.buffers = {name: _gather(comm, b) for name, b in result.buffers.items()}  # (W, *shape)
         result.extras.update(_summary(comm, result, world, k))
         out.append(result)
     return out if rank == 0 else None
+
+
+def agreed_checkpoint(directory, experiment: Experiment, comm) -> str:
+    """The checkpoint file of this process's workers at the newest step that EVERY process holds.
+
+    Each process writes its own files; a crash between two processes' writes leaves some one checkpoint
+    ahead (each keeps its newest ``checkpoint.KEEP``, so the others' newest is still there). Two tiny
+    all-reduces agree on the step (MIN of the newest steps) and confirm every process holds it; otherwise
+    every process raises the same ValueError (none is left waiting in a collective).
+    """
+    import torch.distributed as dist
+
+    from . import checkpoint
+
+    local, workers = comm.local_workers, experiment.workers
+    steps = [step for step, _ in checkpoint.checkpoints(directory, local, workers)]
+    newest = torch.tensor([float(steps[-1]) if steps else -1.0], dtype=torch.float64)
+    dist.all_reduce(newest, op=dist.ReduceOp.MIN, group=comm.group)
+    step = int(newest.item())
+    held = torch.tensor([1.0 if step in steps else 0.0], dtype=torch.float64)
+    dist.all_reduce(held, op=dist.ReduceOp.MIN, group=comm.group)
+    if step < 0 or held.item() < 1:
+        raise ValueError(f"run_distributed: resume_from={str(directory)!r} is invalid; allowed: a directory where "
+                         f"every process holds a checkpoint of one common step (newest common step: "
+                         f"{step if step >= 0 else 'none'}; rank {comm.rank} holds steps {steps})")
+    return os.path.join(directory, checkpoint.file_name(step, local, workers))
 
 
 def _gather(comm, x: torch.Tensor) -> torch.Tensor:

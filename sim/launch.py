@@ -27,6 +27,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", default="gloo", choices=("gloo", "nccl"))
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds any collective may take")
     parser.add_argument("--out", default=None, help="where rank 0 saves the Result (torch.save)")
+    parser.add_argument("--checkpoint-dir", default=None, help="every process writes its checkpoints here")
+    parser.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
+    parser.add_argument("--resume-from", default=None,
+                        help="a checkpoint directory: continue from the newest step every process holds")
     return parser.parse_args(argv)
 
 
@@ -37,6 +41,16 @@ def load_experiment(text: str):
     if not isinstance(fields, dict):
         raise ValueError(f"sim.launch: experiment={text!r} is invalid; allowed: a JSON object of Experiment fields")
     return Experiment(**fields)
+
+
+def checkpointing(args: argparse.Namespace) -> dict:
+    """``run_distributed``'s checkpoint arguments from the command line (validated before any process starts)."""
+    from . import checkpoint
+
+    options = {"checkpoint_dir": args.checkpoint_dir, "checkpoint_every": args.checkpoint_every,
+               "resume_from": args.resume_from}
+    checkpoint.check_options(**options)
+    return options
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,14 +70,15 @@ def main(argv: list[str] | None = None) -> int:
         if k < 1 or k * world != experiment.workers:
             raise ValueError(f"sim.launch: workers_per_process={k} is invalid for WORLD_SIZE={world} and "
                              f"workers={experiment.workers}; allowed: WORLD_SIZE * workers_per_process == workers")
-        results = run_on_rank(rank, world, [experiment], [k], args.timeout)
+        results = run_on_rank(rank, world, [experiment], [k], args.timeout, checkpointing(args))
         dist.destroy_process_group()
         result = results[0] if results else None
     else:
         from .distributed import run_distributed
 
         result = run_distributed(experiment, nproc=args.nproc, backend=args.backend,
-                                 workers_per_process=args.workers_per_process, collective_timeout=args.timeout)
+                                 workers_per_process=args.workers_per_process, collective_timeout=args.timeout,
+                                 **checkpointing(args))
     if result is not None:
         last = result.history.iloc[-1].to_dict()
         print(json.dumps({k: v for k, v in last.items() if isinstance(v, (int, float))}, default=float))
