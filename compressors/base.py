@@ -38,7 +38,7 @@ class Reduced(NamedTuple):
 
     update: {name: (*shape)}, identical on every worker.
     local:  {name: (k, *shape)}, each worker's own decompressed message C_i(x_i), or None when not asked for.
-            Error feedback ("local", "ef21") needs it; the mean over all workers of ``local`` equals ``update``
+            Error feedback ("local", "local_scaled", "ef21") needs it; the mean over all workers of ``local`` equals ``update``
             for every compressor whose decoder is linear (all-reduce compressors, top-k, QSGD, ...).
     """
 

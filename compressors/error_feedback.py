@@ -9,6 +9,13 @@ Modes (same option name on every compressor, ``error_feedback=``):
   update, as the PowerSGD paper's code and the ``powersgd`` package do.
 - ``"ef21"``: each worker keeps an estimate g_i and sends c_i = C(grad_i - g_i); g_i <- g_i + c_i and the
   update is g <- g + mean c_i, so g = mean_i g_i always (Richtarik, Sokolov, Fatkhullin 2021).
+- ``"local_scaled"``: ``"local"`` around C / (1 + omega) when C is unbiased with variance omega, and around C
+  itself otherwise. Error feedback needs a contraction; an unbiased C with omega >= 1 is none (the residual
+  grows like omega^t), but C / (1 + omega) is one with delta = 1 / (1 + omega):
+  E||C(x)/(1+w) - x||^2 = E||C(x)||^2/(1+w)^2 - 2||x||^2/(1+w) + ||x||^2 <= (1 - 1/(1+w)) ||x||^2, using
+  E||C(x)||^2 <= (1+w) ||x||^2 (Stich, Cordonnier, Jaggi 2018, sec. 2; Beznosikov et al. 2020, Lemma 1).
+  The scale is per tensor (omega depends on its shape) and applies to what every worker applies too, so
+  the wire format and bits are unchanged.
 
 Conservation (local and averaged, linear decoders): sum_t update_t + mean_i e_i = sum_t mean_i g_i.
 """
@@ -21,7 +28,7 @@ import torch
 from .base import Aggregator, Reduced, TheoryClaim, check_grads
 from .options import check_choice
 
-ERROR_FEEDBACK_MODES = ("none", "local", "averaged", "ef21")
+ERROR_FEEDBACK_MODES = ("none", "local", "averaged", "ef21", "local_scaled")
 
 
 class ErrorFeedbackState(NamedTuple):
@@ -46,6 +53,8 @@ class ErrorFeedback(Aggregator):
         check_grads("error_feedback", grads)
         if self.mode == "ef21":
             return self._reduce_ef21(grads, state, comm, want_local)
+        if self.mode == "local_scaled":
+            return self._reduce_local_scaled(grads, state, comm, want_local)
         corrected = {n: g + state.memory[n].to(g.dtype) for n, g in grads.items()}  # x_i = g_i + e_i
         if self.mode == "local" and not want_local and hasattr(self.inner, "reduce_residual"):
             # The kernel forms x_i - C_i(x_i) itself, into x_i (this wrapper's own temporary): one fused pass.
@@ -72,11 +81,30 @@ class ErrorFeedback(Aggregator):
         local = {n: memory[n].to(grads[n].dtype) for n in grads} if want_local else None
         return Reduced(update, local), ErrorFeedbackState(memory, estimate, inner_state)
 
+    def _reduce_local_scaled(self, grads, state, comm, want_local):
+        corrected = {n: g + state.memory[n].to(g.dtype) for n, g in grads.items()}  # x_i = g_i + e_i
+        reduced, inner_state = self.inner.reduce(corrected, state.inner, comm, want_local=True)
+        scales = {n: self.contraction_scale({n: tuple(g.shape[1:])}) for n, g in grads.items()}
+        update = {n: u * scales[n] if scales[n] != 1.0 else u for n, u in reduced.update.items()}
+        local = {n: c * scales[n] if scales[n] != 1.0 else c for n, c in reduced.local.items()}
+        memory = {n: (x - local[n]).to(state.memory[n].dtype) for n, x in corrected.items()}
+        return Reduced(update, local if want_local else None), ErrorFeedbackState(memory, state.estimate, inner_state)
+
+    def contraction_scale(self, shapes) -> float:
+        """1 / (1 + omega) when the inner operator is unbiased with variance omega on these shapes, else 1."""
+        claim = self.inner.theory(shapes)
+        return 1.0 / (1.0 + claim.omega) if claim.kind == "unbiased" and claim.omega else 1.0
+
     def bits_per_step(self, shapes, **kwargs):
         return self.inner.bits_per_step(shapes, **kwargs)
 
     def theory(self, shapes):
-        return self.inner.theory(shapes)
+        """The inner operator's class; for "local_scaled" around an unbiased one, the scaled operator's:
+        a contraction (in expectation) with delta = 1 / (1 + omega)."""
+        claim = self.inner.theory(shapes)
+        if self.mode == "local_scaled" and claim.kind == "unbiased" and claim.omega:
+            return TheoryClaim("contractive", delta=1.0 / (1.0 + claim.omega), deterministic=False)
+        return claim
 
     def __repr__(self):
         return f"ErrorFeedback({self.inner!r}, mode={self.mode!r})"

@@ -3,7 +3,8 @@
 Every factory builds ``compose(kernel, ...)`` = Warmup(Partition(ErrorFeedback(kernel))), so every
 compressor takes the same policy options:
 
-- ``error_feedback``: "none" | "local" | "averaged" | "ef21". Defaults follow each method's paper: "local"
+- ``error_feedback``: "none" | "local" | "averaged" | "ef21" | "local_scaled" (local around C / (1 + omega) for an
+  unbiased C: see ``error_feedback.py``). Defaults follow each method's paper: "local"
   for the biased/contractive ones that were proposed with memory (topk, randomk, random_block, scaled_sign,
   svd), "none" for the unbiased ones (qsgd, terngrad, natural, lowrank_sketch, atomo), for the near-exact
   casts (fp16, bf16) and for the majority-vote ones (sign, signum).

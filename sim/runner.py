@@ -126,11 +126,15 @@ class Simulation:
                           state.skipped_steps, sim_time), metrics
 
     def _average_many(self, values: list[float]) -> list[float]:
-        """``[self._average(v) for v in values]`` in one collective where the comm offers ``average_metrics``.
+        """The mean of each value over processes (itself in one process), in one collective where the comm offers
+        ``average_metrics``.
         Real runs must all skip or raise together (or they deadlock): a vote of 1.0/0.0 averaged > 0 means
         some process found a problem."""
         many = getattr(self.comm, "average_metrics", None)
-        return list(many(values)) if many is not None else [self._average(v) for v in values]
+        if many is not None:
+            return list(many(values))
+        one = getattr(self.comm, "average_metric", None)  # a comm with only the one-value form
+        return [one(v) if one is not None else v for v in values]
 
     def _skip(self, state: TrainState, metrics: dict[str, float], what: str) -> tuple[TrainState, dict[str, float]]:
         """nonfinite="raise": raise naming the step and tensors; "skip_step": keep the state, count the step."""
@@ -152,10 +156,6 @@ class Simulation:
                         self.task.classification)
 
     # -- metrics -----------------------------------------------------------------------------------------
-    def _average(self, value: float) -> float:
-        average = getattr(self.comm, "average_metric", None)  # real processes: average over processes
-        return average(value) if average is not None else value
-
     def _compression_error(self, grads: Tensors, sums: Tensors, update: Tensors) -> float:
         """||update - mean_i g_i|| / ||mean_i g_i|| over all parameters (0 for the exact mean).
 
