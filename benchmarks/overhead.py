@@ -93,8 +93,10 @@ def measure_in_fresh_process(model: str, workers: int, batch: int, allocator: st
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     args = [model, str(workers), str(batch), allocator, str(repeats), str(torch.get_num_threads())]
-    out = subprocess.run([sys.executable, "-m", "benchmarks.overhead", *args], env=env, check=True,
-                         capture_output=True, text=True, timeout=1200)
+    out = subprocess.run([sys.executable, "-m", "benchmarks.overhead", *args], env=env, capture_output=True,
+                         text=True, timeout=1200)
+    if out.returncode != 0:
+        raise RuntimeError(f"overhead child {args} failed ({out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -119,6 +121,8 @@ def run(quick: bool = False):
     for model, w, batch, allocator in configs:
         repeats = 3 if quick else (7 if w <= 16 else 3)
         r = measure_in_fresh_process(model, w, batch, allocator, repeats)
+        if allocator == "keep-freed" and not r["allocator_applied"]:
+            allocator = "keep-freed (not glibc: default)"
         rows.append([model, w, batch, allocator, fmt_ms(r["sim_s"]), fmt_ms(r["floor_s"]), f"{r['ratio']:.2f}"])
         metrics[_key(model, w, batch, allocator)] = round(r["ratio"], 3)
         print(f"  overhead {model} W={w} B={batch} {allocator}: sim {fmt_ms(r['sim_s'])}, "
@@ -132,11 +136,10 @@ def run(quick: bool = False):
 def _child(argv: list[str]) -> None:
     model, workers, batch, allocator, repeats, threads = argv
     torch.set_num_threads(int(threads))
-    if allocator == "keep-freed":
-        from sim.allocator import keep_freed_memory
+    from sim.allocator import keep_freed_memory
 
-        keep_freed_memory()
-    print(json.dumps(measure(model, int(workers), int(repeats), int(batch))))
+    applied = keep_freed_memory() if allocator == "keep-freed" else False
+    print(json.dumps({**measure(model, int(workers), int(repeats), int(batch)), "allocator_applied": applied}))
 
 
 if __name__ == "__main__":

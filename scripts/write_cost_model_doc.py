@@ -2,12 +2,13 @@
 collectives, report held-out error, predict the time per step of real gloo training runs (identity, PowerSGD,
 top-k on 2 and 4 processes) against their measured time, and print the what-if table for the paper's ResNet-18.
 
-    .venv/bin/python scripts/write_cost_model_doc.py                 # measures (about 3-5 minutes)
+    .venv/bin/python scripts/write_cost_model_doc.py                 # measures (about 2-3 minutes on 2 quiet cores)
     .venv/bin/python scripts/write_cost_model_doc.py --measurements results/calibration-gloo.csv
 
 Real steps: each run's per-step seconds are stamped inside the processes (``Result.extras["step_seconds"]``
-of ``sim.run_distributed``), so process start-up is excluded; predicted = local work x CPU share + encode/decode
-x CPU share + the probed ledger and the loop's diagnostic collectives priced on the calibrated network.
+of ``sim.run_distributed``), so process start-up is excluded; predicted = local work (measured in the real runs' own processes) +
+encode/decode x CPU share + the probed ledger and the loop's diagnostic collectives priced on the calibrated
+network + ``Network.sync`` per collective (fitted on the identity runs, judged on the others).
 """
 from __future__ import annotations
 
@@ -313,10 +314,10 @@ def real_step_table(networks: dict, tasks=REAL_TASKS, nprocs=REAL_NPROCS, compre
                 rows.append(row)
     table = pd.DataFrame(rows)
     table["rel_error_no_sync"] = (table.predicted - table.measured) / table.measured
-    only_fwd_bwd = table.predicted - table.compute + table.fwd_bwd
-    table["rel_error_fwd_bwd"] = (only_fwd_bwd - table.measured) / table.measured
     add_sync(table)
     table["rel_error"] = (table.predicted - table.measured) / table.measured
+    only_fwd_bwd = table.predicted - table.compute + table.fwd_bwd  # forward/backward alone as the local work
+    table["rel_error_fwd_bwd"] = (only_fwd_bwd - table.measured) / table.measured
     return table
 
 
@@ -381,6 +382,7 @@ def figure(data: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, (op, rows) in zip(axes, data.groupby("op")):
         for p, part in rows.groupby("nproc"):
+            part = part.sort_values("bytes")
             line, = ax.plot(part.bytes, part.seconds, "o", ms=3, label=f"measured p={p}")
             ax.plot(part.bytes, part.predicted, "-", color=line.get_color(), lw=1, label=f"model p={p}")
         ax.set_xscale("log", base=2)
@@ -480,12 +482,12 @@ typical small-message figures, the least certain numbers: calibrate for anything
 ## Calibration on this machine (gloo, 127.0.0.1)
 
 `python -m sim calibrate --backend gloo --nproc 2 3 4` times all-reduce and all-gather from 4 B to 32 MiB
-(factor-2 steps), fits alpha and beta per collective on every other size (relative least squares, alpha,
-beta >= 0) and reports the error on the sizes in between. beta is piecewise (`Network`'s knee: one per-byte
-cost up to k bytes, another beyond, k chosen among the fitted sizes from 4 KiB to 8 MiB by the least
-residual): on one host, big messages leave the caches and gloo allocates fresh buffers for them, which bent
-a single-beta fit's largest sizes 25-40% off (22.7% held-out median with one beta vs 18.5% with the knee, on
-the same measurements). Seconds per size: the 20th percentile of the
+(factor-2 steps; the repeats in rounds over every size, so load bursts spread over all of them), fits alpha
+and beta per collective on every other size (relative least squares, alpha, beta >= 0) and reports the error
+on the sizes in between. beta may be piecewise (`Network`'s knee: one per-byte cost up to k bytes, another
+beyond, k chosen among the fitted sizes from 256 KiB to 8 MiB by the least
+residual, kept only where Akaike's criterion prefers it to one beta): on one host, big messages leave the
+caches, which bent a single-beta fit's largest sizes 25-40% off. Seconds per size: the 20th percentile of the
 repeats (each repeat the slowest rank), the uncontended time; the median is stored beside it in
 `results/calibration-gloo.csv`.
 
@@ -505,8 +507,8 @@ nproc: {result.held_out_error(column='rel_error_joint'):.1%}.
 Caveats. This machine has {cpu} cores: with 3 or 4 processes the collectives are CPU-bound and preempted, so
 the time is set by the scheduler more than by any link, and one (alpha, beta) for all p fits worse than one
 per p. Other jobs running on the machine during calibration add noise that no model of the network can
-predict. Gloo's all-gather of more than a few MiB allocates a fresh output buffer per call (page faults),
-which bends its curve upward beyond what a linear beta can follow.
+predict. Gloo's all-gather bends upward beyond a few MiB (memory traffic beyond the caches), more than a
+single beta can follow; a knee is offered to the fit, and Akaike's criterion decides whether it is kept.
 
 ## Real training steps: predicted vs measured (gloo, 127.0.0.1)
 
@@ -575,9 +577,8 @@ PowerSGD step (aggregate minus its waits: ~1.2 ms over identity's) was about twi
 one-process figure, the largest remaining under-prediction of the compressed runs. The loop's 4 scalar
 all-reduces per step were batched into 2 earlier (`Simulation._average_many`,
 `DistributedCollective.average_metrics`), bitwise the same metrics. Step times at this scale (2-70 ms on a
-shared 2-core VM) move by 10-25% between runs of this script; the held-out median error above was 12.4%,
-19.7% and 10.6% in three runs while this section was developed (the calibration's: 22.6%, 22.7% with one
-beta, then 19.2% with the knee).
+shared 2-core VM) move by 10-25% between runs of this script; the real steps' held-out median error was
+12.4%, 19.7% and 10.6% in three runs while this section was developed, the collectives' 19-23%.
 
 ## What-if: the paper's ResNet-18 (V100 compute, 128 images per worker)
 

@@ -196,24 +196,30 @@ def agreed_checkpoint(directory, experiment: Experiment, comm) -> str:
 
     Each process writes its own files; a crash between two processes' writes leaves some one checkpoint
     ahead (each keeps its newest ``checkpoint.KEEP``, so the others' newest is still there). Two tiny
-    all-reduces agree on the step (MIN of the newest steps) and confirm every process holds it; otherwise
-    every process raises the same ValueError (none is left waiting in a collective).
+    collectives (``comm.gather_untracked``: the run's own wire device and timeout) agree on the step (the
+    smallest of the processes' newest) and confirm that every process holds it. Every process takes part in
+    both whatever it found (a directory it cannot read votes "none"), so all raise the same ValueError
+    together when there is no common step: none is left waiting in a collective.
     """
-    import torch.distributed as dist
-
     from . import checkpoint
 
     local, workers = comm.local_workers, experiment.workers
-    steps = [step for step, _ in checkpoint.checkpoints(directory, local, workers)]
-    newest = torch.tensor([float(steps[-1]) if steps else -1.0], dtype=torch.float64)
-    dist.all_reduce(newest, op=dist.ReduceOp.MIN, group=comm.group)
-    step = int(newest.item())
-    held = torch.tensor([1.0 if step in steps else 0.0], dtype=torch.float64)
-    dist.all_reduce(held, op=dist.ReduceOp.MIN, group=comm.group)
-    if step < 0 or held.item() < 1:
+    try:
+        steps = [step for step, _ in checkpoint.checkpoints(directory, local, workers)]
+        problem = ""
+    except OSError as error:  # unreadable here: vote "none" (the others must not wait for us)
+        steps, problem = [], f" ({type(error).__name__}: {error})"
+
+    def smallest(value: float) -> float:
+        votes = torch.full((comm.workers_per_process, 1), value, dtype=torch.float64)  # one row per local worker
+        return float(comm.gather_untracked(votes).min())
+
+    step = int(smallest(float(steps[-1]) if steps else -1.0))
+    held = smallest(1.0 if step in steps else 0.0)
+    if step < 0 or held < 1:
         raise ValueError(f"run_distributed: resume_from={str(directory)!r} is invalid; allowed: a directory where "
                          f"every process holds a checkpoint of one common step (newest common step: "
-                         f"{step if step >= 0 else 'none'}; rank {comm.rank} holds steps {steps})")
+                         f"{step if step >= 0 else 'none'}; rank {comm.rank} holds steps {steps}{problem})")
     return os.path.join(directory, checkpoint.file_name(step, local, workers))
 
 

@@ -44,7 +44,7 @@ def load_experiment(text: str):
 
 
 def checkpointing(args: argparse.Namespace) -> dict:
-    """``run_distributed``'s checkpoint arguments from the command line (validated before any process starts)."""
+    """``run_distributed``'s checkpoint arguments from the command line, validated (ValueError naming the field)."""
     from . import checkpoint
 
     options = {"checkpoint_dir": args.checkpoint_dir, "checkpoint_every": args.checkpoint_every,
@@ -56,6 +56,7 @@ def checkpointing(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     experiment = load_experiment(args.experiment)
+    options = checkpointing(args)  # bad checkpoint options fail here, before any process group exists
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun (or any env:// launcher)
         import torch.distributed as dist
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         if k < 1 or k * world != experiment.workers:
             raise ValueError(f"sim.launch: workers_per_process={k} is invalid for WORLD_SIZE={world} and "
                              f"workers={experiment.workers}; allowed: WORLD_SIZE * workers_per_process == workers")
-        results = run_on_rank(rank, world, [experiment], [k], args.timeout, checkpointing(args))
+        results = run_on_rank(rank, world, [experiment], [k], args.timeout, options)
         dist.destroy_process_group()
         result = results[0] if results else None
     else:
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
         result = run_distributed(experiment, nproc=args.nproc, backend=args.backend,
                                  workers_per_process=args.workers_per_process, collective_timeout=args.timeout,
-                                 **checkpointing(args))
+                                 **options)
     if result is not None:
         last = result.history.iloc[-1].to_dict()
         print(json.dumps({k: v for k, v in last.items() if isinstance(v, (int, float))}, default=float))

@@ -93,3 +93,20 @@ def test_add_sync_fits_on_identity_runs_only_and_prices_every_run():
     assert syncs == {2: pytest.approx(1e-3), 4: pytest.approx(2e-3)}  # the held-out runs' wild values did not move it
     assert list(table.held_out) == [False, True, False, False, True]
     assert table.predicted.tolist() == pytest.approx([8e-3, 13e-3, 23e-3, 15e-3, 23e-3])
+
+
+@pytest.mark.distributed
+def test_measure_real_steps_schedule_returns_rank0_rows_and_every_processes_local_samples():
+    """The interleaved schedule (warm-up, then per round a local-work-only run and one run per compressor):
+    rows in compressor order without the warm-up, real ledger bits per step, and local samples pooled over
+    both processes and both rounds (steps - 1 stamped intervals each, minus the skipped and the last)."""
+    doc = _script()
+    compressors = ({"name": "identity"}, {"name": "topk", "ratio": 0.1})
+    rows, local = doc.measure_real_steps("digits-mlp", 2, compressors, steps=8, repeats=2, timeout=180)
+    assert [r["compressor"] for r in rows] == ["identity", "topk(ratio=0.1)"]
+    per_run = 8 - 1 - doc.SKIP_STEPS - 1
+    assert all(r["steps_timed"] == 2 * per_run and 0 < r["measured_q20"] <= r["measured"] for r in rows)
+    assert len(local) == 2 * 2 * per_run and all(t > 0 for t in local)
+    dense = sum(32 * math.prod(s) for s in sim.Simulation(doc.real_experiment("digits-mlp", 2, compressors[0], 8)).shapes.values())
+    assert rows[0]["real_bits_per_step"] == dense  # identity sends the dense gradient once per step
+    assert rows[1]["real_bits_per_step"] < dense

@@ -49,12 +49,41 @@ def test_resume_after_a_crash_between_two_processes_writes_is_bitwise(tmp_path):
     assert resumed.history.step.tolist() == uninterrupted.history.step.tolist()
 
 
-def test_resume_without_a_common_step_is_refused_by_every_process(tmp_path):
-    _run(checkpoint_dir=tmp_path, checkpoint_every=2)
-    for step in (4, 6):  # process 0 has nothing left
-        (tmp_path / checkpoint.file_name(step, range(0, 2), EXPERIMENT.workers)).unlink()
-    with pytest.raises(DistributedRunError, match="common step"):
-        _run(resume_from=tmp_path)
+def _agree_on_cases(rank: int, world: int, directories: list[str]) -> list[tuple[str, str]]:
+    """Every rank's outcome of ``agreed_checkpoint`` on each directory: ("ok", path) or ("raised", message)."""
+    from sim.distributed import agreed_checkpoint
+    from sim.distributed_collective import DistributedCollective
+
+    comm = DistributedCollective(EXPERIMENT.workers // world, timeout=20)
+    out = []
+    for directory in directories:
+        try:
+            out.append(("ok", agreed_checkpoint(directory, EXPERIMENT, comm)))
+        except ValueError as error:
+            out.append(("raised", str(error)))
+    return out
+
+
+def test_processes_agree_on_the_newest_common_step_or_all_refuse(tmp_path):
+    """Checkpoint file names alone decide (empty files suffice). Each case: steps held by process 0 and 1."""
+    from sim.distributed import spawn
+
+    cases = {"one-behind": ([4, 6], [4]), "none-on-one": ([], [4, 6]), "disjoint": ([2], [4, 6])}
+    directories = []
+    for name, held in cases.items():
+        directory = tmp_path / name
+        directory.mkdir()
+        for workers, steps in zip((range(0, 2), range(2, 4)), held):
+            for step in steps:
+                (directory / checkpoint.file_name(step, workers, EXPERIMENT.workers)).touch()
+        directories.append(str(directory))
+    rank0, rank1 = spawn(_agree_on_cases, NPROC, (directories,), timeout=120)
+    assert rank0[0] == ("ok", directories[0] + "/" + checkpoint.file_name(4, range(0, 2), EXPERIMENT.workers))
+    assert rank1[0] == ("ok", directories[0] + "/" + checkpoint.file_name(4, range(2, 4), EXPERIMENT.workers))
+    for outcomes in (rank0[1:], rank1[1:]):  # both processes refuse, neither is left waiting
+        assert [kind for kind, _ in outcomes] == ["raised", "raised"]
+        assert all("common step" in message for _, message in outcomes)
+    assert "newest common step: none" in rank1[1][1] and "newest common step: 2" in rank1[2][1]
 
 
 def test_bad_checkpoint_arguments_name_the_field(tmp_path):

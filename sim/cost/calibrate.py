@@ -8,12 +8,13 @@ Fit: for every measurement i (collective op, p processes, n bytes, seconds t_i) 
 sum_i ((a_i alpha + b_i beta - t_i) / t_i)^2 over alpha, beta >= 0 (non-negative least squares), on every
 other message size; the sizes in between are held out. With a knee k (``Network``'s piecewise beta: beta on
 the first k bytes, beta_above beyond) the model stays linear, in (alpha, beta, beta_above); k is chosen
-among the fitted sizes in ``KNEE_RANGE`` (or none) by the least residual, on the fitted sizes only. One (alpha, beta) per collective for all p: the fit is
+among the fitted sizes in ``KNEE_RANGE`` (or none) by Akaike's criterion, on the fitted sizes only. One (alpha, beta) per collective for all p: the fit is
 also a test of the model's scaling in p.
 
-Timing: sizes and ops in a fixed shuffled order; per size, a barrier then one timed call, repeated (30 times
-for small messages); each call's time is the maximum over ranks (the collective ends when its slowest rank
-does); a low quantile (``QUANTILE``) of the repeats is kept, the median stored beside it.
+Timing: sizes and ops in a fixed shuffled order, the repeats in rounds over all of them (60 for small
+messages, 5 for the largest); each timed call follows a barrier; each call's time is the maximum over ranks
+(the collective ends when its slowest rank does); a low quantile (``QUANTILE``) of the repeats is kept, the
+median stored beside it.
 
 Per ``nproc`` (what ``python -m sim calibrate --nproc p`` saves) and jointly over all p (a test of the
 model's p-scaling; on a machine with fewer cores than processes it fails, as the scheduler, not the
@@ -22,6 +23,7 @@ network, sets the time).
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -48,39 +50,46 @@ def _trials(size: int) -> int:
     return 60 if size < 2**16 else 12 if size < 2**22 else 5
 
 
+def _call(op: str, x, out) -> None:
+    import torch.distributed as dist
+
+    if op == "all_reduce":
+        dist.all_reduce(x)
+    else:
+        dist.all_gather(out, x)
+
+
 def _worker(rank: int, nproc: int, init_method: str, backend: str, sizes, out_path: str) -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # nproc processes share the cores: no intra-op oversubscription
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=nproc)
-    rows = []
-    # Sizes and ops in a fixed shuffled order: a burst of load from other processes then spreads over
-    # sizes instead of bending one contiguous stretch of the curve.
+    # Every (op, size) in a fixed shuffled order, and the repeats in rounds over all of them: each size's
+    # samples spread over the whole run, so a burst of load from other processes lands on every size a little
+    # instead of bending one stretch of the curve (the neighbours a held-out size is predicted from).
     order = [(op, size) for op in OPS for size in sizes]
     order = [order[i] for i in torch.randperm(len(order), generator=torch.Generator().manual_seed(0)).tolist()]
+    buffers = {}
     try:
         for op, size in order:
             x = torch.ones(max(1, size // 4))  # float32
-            out = [torch.empty_like(x) for _ in range(nproc)]
-
-            def call():
-                if op == "all_reduce":
-                    dist.all_reduce(x)
-                else:
-                    dist.all_gather(out, x)
-
-            call()  # warm-up: connection set-up, allocation
-            times = []
-            for _ in range(_trials(size)):
-                dist.barrier()
-                start = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - start)
-            slowest = torch.tensor(times, dtype=torch.float64)
-            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            buffers[op, size] = (x, [torch.empty_like(x) for _ in range(nproc)] if op == "all_gather" else None)
+            _call(op, *buffers[op, size])  # warm-up: connection set-up, allocation
+        times = {key: [] for key in order}
+        for trial in range(max(_trials(size) for size in sizes)):
+            for op, size in order:
+                if trial < _trials(size):
+                    dist.barrier()
+                    start = time.perf_counter()
+                    _call(op, *buffers[op, size])
+                    times[op, size].append(time.perf_counter() - start)
+        rows = []
+        for op, size in order:
+            slowest = torch.tensor(times[op, size], dtype=torch.float64)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a collective ends when its slowest rank does
             ordered = sorted(slowest.tolist())
-            rows.append({"op": op, "nproc": nproc, "bytes": x.numel() * 4,
+            rows.append({"op": op, "nproc": nproc, "bytes": buffers[op, size][0].numel() * 4,
                          "seconds": ordered[int(QUANTILE * (len(ordered) - 1))],
                          "seconds_median": statistics.median(ordered), "seconds_min": ordered[0]})
     finally:
@@ -104,7 +113,8 @@ def measure(nproc: int, backend: str = "gloo", sizes=DEFAULT_SIZES) -> pd.DataFr
         out = os.path.join(tmp, "rows.json")
         rendezvous = "file://" + os.path.join(tmp, "rendezvous")  # no TCP port to race for
         mp.spawn(_worker, args=(nproc, rendezvous, backend, tuple(sizes), out), nprocs=nproc, join=True)
-        return pd.DataFrame(json.loads(Path(out).read_text()))
+        rows = pd.DataFrame(json.loads(Path(out).read_text()))  # in the shuffled order they were timed
+        return rows.sort_values(["op", "bytes"]).reset_index(drop=True)
 
 
 def design(op: str, nproc, n_bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -116,8 +126,9 @@ def design(op: str, nproc, n_bytes) -> tuple[np.ndarray, np.ndarray]:
     return p - 1, (p - 1) * n
 
 
-#: Knee candidates (bytes per process): inside the measured range, a few sizes on either side.
-KNEE_RANGE = (2**12, 2**23)
+#: Knee candidates (bytes per process): where beta is identifiable on both sides (below ~256 KiB latency
+#: dominates a collective, so a knee there would fit noise) and messages leave the caches.
+KNEE_RANGE = (2**18, 2**23)
 
 
 @dataclass(frozen=True)
@@ -146,17 +157,30 @@ def _columns(op: str, nproc, n_bytes, knee: float | None) -> np.ndarray:
     return np.stack([a, per_byte * np.minimum(n, knee), per_byte * np.maximum(0.0, n - knee)], axis=1)
 
 
+def _aic(residual: float, n: int, params: int) -> float:
+    """Akaike's criterion of a least-squares fit: n ln(RSS / n) + 2 params (RSS floored at a relative error of
+    1e-10 per point, so two exact fits tie and the simpler one wins)."""
+    return n * math.log(max(residual**2 / n, 1e-20)) + 2 * params
+
+
 def _fit_op(op: str, rows: pd.DataFrame) -> Link:
-    """Non-negative least squares on relative error, with the knee (or none) that leaves the least residual."""
+    """Non-negative least squares on relative error; a knee only where Akaike's criterion prefers it.
+
+    The knee model contains the plain one, so on noisy data it always leaves a smaller residual; AIC charges
+    it two more parameters (beta_above and k), so a knee is kept only for a real bend. Candidates: the
+    fitted sizes in ``KNEE_RANGE`` with at least two fitted sizes on each side."""
     from scipy.optimize import nnls
 
     t = rows.seconds.to_numpy()
     sizes = sorted(set(rows.bytes))
+    candidates = [float(k) for i, k in enumerate(sizes)
+                  if KNEE_RANGE[0] <= k <= KNEE_RANGE[1] and i >= 1 and len(sizes) - 1 - i >= 2]
     best = None
-    for knee in [None] + [float(k) for k in sizes if KNEE_RANGE[0] <= k <= KNEE_RANGE[1]]:
+    for knee in [None] + candidates:
         coef, residual = nnls(_columns(op, rows.nproc, rows.bytes, knee) / t[:, None], np.ones_like(t))
-        if best is None or residual < best[0] * (1 - 1e-9):
-            best = (residual, knee, coef)
+        score = _aic(residual, len(t), 2 if knee is None else 4)
+        if best is None or score < best[0]:
+            best = (score, knee, coef)
     _, knee, coef = best
     if knee is None:
         return Link(float(coef[0]), float(max(coef[1], 1e-15)))
@@ -229,7 +253,7 @@ def fit_sync(gaps, collectives) -> float:
     """
     g = np.asarray(gaps, dtype=float)
     c = np.asarray(collectives, dtype=float)
-    if g.shape != c.shape or g.size == 0 or not np.isfinite(g).all() or (c <= 0).any():
+    if g.shape != c.shape or g.size == 0 or not np.isfinite(g).all() or not np.isfinite(c).all() or (c <= 0).any():
         raise ValueError(f"fit_sync: gaps and collectives are invalid (shapes {g.shape}, {c.shape}); allowed: "
-                         "equal non-empty lengths, finite gaps, collectives > 0")
+                         "equal non-empty lengths, finite gaps, finite collectives > 0")
     return float(max(0.0, (g * c).sum() / (c * c).sum()))

@@ -13,8 +13,9 @@ node, N = p / d nodes:
 share through its one NIC). p <= d is one node: the flat formula on the intra link. d = 1 is the flat network.
 Formulas: ``theory.collectives``. ``op_links`` overrides the inter-node link per collective (what ``calibrate``
 fits: gloo's all-reduce and all-gather have different effective alpha and beta). An op link may carry a
-knee: ``knee_bytes`` k and ``bandwidth_above_knee``; then a message of n bytes per worker pays beta on its
-first k bytes and beta_above on the rest, i.e. the formulas run with
+knee: ``knee_bytes`` k and ``bandwidth_above_knee``; then a message of n bytes (per worker; in a two-level
+all-gather's inter-node phase, the node's d x m) pays beta on its first k bytes and beta_above on the rest,
+i.e. the formulas run with
 
     beta_eff(n) = (min(n, k) beta + max(0, n - k) beta_above) / n
 
@@ -22,8 +23,8 @@ first k bytes and beta_above on the rest, i.e. the formulas run with
 caches move at memory speed, and gloo allocates fresh buffers for big ones).
 
 ``sync`` (seconds, default 0) is added once to every collective: what a collective costs inside a running
-training loop beyond its alpha-beta time, when its ranks arrive from unequal local work instead of together
-after a barrier (arrival skew, waking a waiting rank, a rank preempted by the OS). The alpha-beta fit of
+training loop beyond its alpha-beta time measured after a barrier (on this project's CPU machine mostly the
+hand-off that wakes a waiting rank through the backend's threads; also arrival skew and preemption). The alpha-beta fit of
 ``calibrate`` cannot see it (it times collectives right after a barrier); ``fit_sync`` estimates it from real
 training steps. Presets leave it 0: a dedicated cluster's ranks run on their own cores.
 """
