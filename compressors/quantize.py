@@ -7,7 +7,8 @@ expectation exactly; ``encode`` draws one uniform per coordinate from the worker
 global RNG, never another worker's) and takes the upper code iff u < p.
 
 - ``qsgd`` (Alistarh et al. 2017): aux = ||x||_2, code l in 0..s of s|x_j|/||x||, value ||x|| sign(x_j) l / s.
-  Sent: signed levels in the smallest int dtype + the norm. omega = min(d/s^2, sqrt(d)/s).
+  Sent: the levels -s..s as s + level in packed 2-bit (s = 1) or 4-bit (s <= 7) fields, else in the
+  smallest signed int dtype, + the norm. omega = min(d/s^2, sqrt(d)/s).
 - ``terngrad`` (Wen et al. 2017, without the optional gradient clipping): aux = max|x|, code b_j in {0, 1}
   with p = |x_j|/max|x|, value max|x| sign(x_j) b_j. Sent: 2-bit codes packed + the scale.
   omega = (sqrt(d) - 1)/2 (``theory.operators.terngrad_omega``).
@@ -20,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from theory import bits as tbits
 from theory import operators
 
 from .base import TheoryClaim, numel
@@ -89,8 +91,12 @@ class QSGD(StochasticQuantizer):
         super().__init__(seed)
         self.levels = levels
         self.code_dtype = level_dtype(levels)
+        # s <= 7: the 2s+1 levels fit in a 2- or 4-bit field, packed into bytes (``theory.bits.qsgd_code_bits``)
+        self.packed_bits = tbits.qsgd_code_bits(levels) if levels <= 7 else None
 
     def payload(self, shape, dtype):
+        if self.packed_bits is not None:
+            return [(packed_numel(numel(shape), self.packed_bits), torch.uint8), (1, dtype)]
         return [(numel(shape), self.code_dtype), (1, dtype)]
 
     def outcomes(self, flat):
@@ -107,11 +113,15 @@ class QSGD(StochasticQuantizer):
         real = flat.to(compute_dtype(flat.dtype))
         low, p, norm = self.outcomes(real)
         code = self.sample(low, p, work.generators).clamp_max(self.levels)  # (W, d)
-        signed = (code * real.sign().long()).to(self.code_dtype)
-        return [signed, norm.to(flat.dtype)], work
+        signed = code * real.sign().long()  # (W, d) in -s..s
+        if self.packed_bits is not None:
+            return [pack_bits(signed + self.levels, self.packed_bits), norm.to(flat.dtype)], work
+        return [signed.to(self.code_dtype), norm.to(flat.dtype)], work
 
     def decode(self, parts, shape, dtype):
         signed, norm = parts
+        if self.packed_bits is not None:
+            signed = unpack_bits(signed, numel(shape), self.packed_bits) - self.levels  # (R, d) in -s..s
         real = compute_dtype(dtype)
         values = norm.to(real) * signed.to(real) / self.levels  # (R, d)
         return values.to(dtype).reshape(signed.shape[0], *shape)

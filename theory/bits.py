@@ -43,6 +43,16 @@ def level_int_bits(levels: int) -> int:
     raise ValueError(f"level_int_bits: levels={levels!r} is invalid; allowed: at most {2 ** 63 - 1}")
 
 
+def qsgd_code_bits(levels: int) -> int:
+    """Bits of one QSGD code: the 2s+1 signed levels -s..s as s + level in the smallest packable field (2 bits
+    for s = 1, 4 bits up to s = 7), else the smallest signed integer dtype (``level_int_bits``)."""
+    if levels == 1:
+        return 2
+    if levels <= 7:
+        return 4
+    return level_int_bits(levels)
+
+
 def sparsity_k(d: int, ratio: float | None = None, k: int | None = None, owner: str = "sparsifier") -> int:
     """How many coordinates a sparsifier keeps: ``k`` if given (must be <= d), else max(1, round(ratio d))."""
     if k is not None:
@@ -88,8 +98,10 @@ def scaled_sign_bits(d: int, value_bits: int = 32) -> int:
 
 
 def qsgd_bits(d: int, levels: int, value_bits: int = 32) -> int:
-    """QSGD: a signed level in -s..s per coordinate (smallest int dtype) plus the norm ||x||_2."""
-    return d * level_int_bits(levels) + value_bits
+    """QSGD: a level in -s..s per coordinate (``qsgd_code_bits``: 2 or 4 bits packed into bytes for s <= 7, else
+    the smallest int dtype) plus the norm ||x||_2."""
+    code = qsgd_code_bits(levels)
+    return (packed_bits(d, code) if code < 8 else d * code) + value_bits
 
 
 def terngrad_bits(d: int, value_bits: int = 32) -> int:
