@@ -89,4 +89,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == 0 and "RANK" in os.environ:  # a torchrun rank, its result saved and its group destroyed
+        from sim.distributed import exit_without_finalizers
+
+        exit_without_finalizers()  # no interpreter finalization for gloo's threads to abort in
+    sys.exit(code)
