@@ -8,17 +8,16 @@ Fit: for every measurement i (collective op, p processes, n bytes, seconds t_i) 
 sum_i ((a_i alpha + b_i beta - t_i) / t_i)^2 over alpha, beta >= 0 (non-negative least squares), on every
 other message size; the sizes in between are held out. With a knee k (``Network``'s piecewise beta: beta on
 the first k bytes, beta_above beyond) the model stays linear, in (alpha, beta, beta_above); k is chosen
-among the fitted sizes in ``KNEE_RANGE`` (or none) by Akaike's criterion, on the fitted sizes only. One (alpha, beta) per collective for all p: the fit is
-also a test of the model's scaling in p.
+among the fitted sizes in ``KNEE_RANGE`` (or none) by Akaike's criterion, on the fitted sizes only.
 
 Timing: sizes and ops in a fixed shuffled order, the repeats in rounds over all of them (60 for small
 messages, 5 for the largest); each timed call follows a barrier; each call's time is the maximum over ranks
 (the collective ends when its slowest rank does); a low quantile (``QUANTILE``) of the repeats is kept, the
 median stored beside it.
 
-Per ``nproc`` (what ``python -m sim calibrate --nproc p`` saves) and jointly over all p (a test of the
-model's p-scaling; on a machine with fewer cores than processes it fails, as the scheduler, not the
-network, sets the time).
+Per ``nproc`` (what ``python -m sim calibrate --nproc p`` saves) and jointly over all p (one link per
+collective for every p: a test of the model's p-scaling; on a machine with fewer cores than processes it
+fails, as the scheduler, not the network, sets the time).
 """
 from __future__ import annotations
 

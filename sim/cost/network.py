@@ -20,13 +20,13 @@ i.e. the formulas run with
     beta_eff(n) = (min(n, k) beta + max(0, n - k) beta_above) / n
 
 (a piecewise Hockney model, as MPI libraries tune per message-size range: on one host, messages beyond the
-caches move at memory speed, and gloo allocates fresh buffers for big ones).
+caches move at memory speed).
 
 ``sync`` (seconds, default 0) is added once to every collective: what a collective costs inside a running
 training loop beyond its alpha-beta time measured after a barrier (on this project's CPU machine mostly the
-hand-off that wakes a waiting rank through the backend's threads; also arrival skew and preemption). The alpha-beta fit of
-``calibrate`` cannot see it (it times collectives right after a barrier); ``fit_sync`` estimates it from real
-training steps. Presets leave it 0: a dedicated cluster's ranks run on their own cores.
+hand-off that wakes a waiting rank through the backend's threads; also arrival skew and preemption). The
+alpha-beta fit of ``calibrate`` cannot see it (it times collectives right after a barrier); ``fit_sync``
+estimates it from real training steps. Presets leave it 0: a dedicated cluster's ranks run on their own cores.
 """
 from __future__ import annotations
 
