@@ -121,11 +121,10 @@ def run(quick: bool = False):
     for model, w, batch, allocator in configs:
         repeats = 3 if quick else (7 if w <= 16 else 3)
         r = measure_in_fresh_process(model, w, batch, allocator, repeats)
-        if allocator == "keep-freed" and not r["allocator_applied"]:
-            allocator = "keep-freed (not glibc: default)"
-        rows.append([model, w, batch, allocator, fmt_ms(r["sim_s"]), fmt_ms(r["floor_s"]), f"{r['ratio']:.2f}"])
+        shown = allocator if r["allocator_applied"] or allocator != "keep-freed" else "keep-freed (not glibc: default)"
+        rows.append([model, w, batch, shown, fmt_ms(r["sim_s"]), fmt_ms(r["floor_s"]), f"{r['ratio']:.2f}"])
         metrics[_key(model, w, batch, allocator)] = round(r["ratio"], 3)
-        print(f"  overhead {model} W={w} B={batch} {allocator}: sim {fmt_ms(r['sim_s'])}, "
+        print(f"  overhead {model} W={w} B={batch} {shown}: sim {fmt_ms(r['sim_s'])}, "
               f"floor {fmt_ms(r['floor_s'])}, ratio {r['ratio']:.2f}", flush=True)
     metrics["sim_overhead_ratio_w16"] = max(metrics[_key(m, 16, BATCH, "keep-freed")] for m in MODELS)
     text = table(["model", "W", "B per worker", "allocator", "simulated step", "floor (W*B batch SGD)",

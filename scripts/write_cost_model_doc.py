@@ -6,9 +6,10 @@ top-k on 2 and 4 processes) against their measured time, and print the what-if t
     .venv/bin/python scripts/write_cost_model_doc.py --measurements results/calibration-gloo.csv
 
 Real steps: each run's per-step seconds are stamped inside the processes (``Result.extras["step_seconds"]``
-of ``sim.run_distributed``), so process start-up is excluded; predicted = local work (measured in the real runs' own processes) +
-encode/decode x CPU share + the probed ledger and the loop's diagnostic collectives priced on the calibrated
-network + ``Network.sync`` per collective (fitted on the identity runs, judged on the others).
+of ``sim.run_distributed``), so process start-up is excluded; predicted = local work (measured in the real
+runs' own processes) + encode/decode x CPU share + the probed ledger and the loop's diagnostic collectives
+priced on the calibrated network + ``Network.sync`` per collective (fitted on the identity runs, judged on
+the others).
 """
 from __future__ import annotations
 
@@ -246,16 +247,13 @@ def _real_and_local_steps(rank: int, world: int, schedule: list, skip: int) -> l
     """One of ``world`` processes running ``schedule`` in order: ("real", experiment) is a real run
     (``run_on_rank``: rank 0 returns its per-step seconds and ledger bits), ("local", experiment) is the same
     loop's local work alone in every process at once (``local_step_samples`` after a barrier: the CPU shared
-    as in the real runs, measured minutes apart from none of them)."""
-    import torch.distributed as dist
-
+    as in the real runs, interleaved with them)."""
     from sim.distributed import run_on_rank
 
     out = []
     for kind, experiment in schedule:
         if kind == "local":
-            dist.barrier()
-            out.append(local_step_samples(experiment, torch_threads(), skip))
+            out.append(_concurrent_local_steps(rank, world, experiment, skip))
         else:
             results = run_on_rank(rank, world, [experiment], [1])
             out.append(None if results is None else {"step_seconds": results[0].extras["step_seconds"],
