@@ -46,7 +46,7 @@ from .orthogonalize import ORTHOGONALIZATIONS
 from .package_kernel import PackagePowerSGDKernel
 from .policies import compose
 
-_ORTH_ALIASES = {"gram-schmidt": "gram_schmidt"}  # the package's spelling
+_ORTH_ALIASES = {"gram-schmidt": "gram_schmidt"}  # the hyphenated spelling is accepted too
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,8 @@ class PowerSGD:
         self.config = config
         kernel = PackagePowerSGDKernel(config.rank, config.num_iters_per_step, config.orthogonalization, config.seed)
         # The package compresses any tensor (vectors too) whose rate is high enough; residuals are per worker.
-        self.aggregator = compose(kernel, error_feedback="local", min_compression_rate=float(config.min_compression_rate),
-                                  compress_vectors=True,
+        self.aggregator = compose(kernel, error_feedback="local", compress_vectors=True,
+                                  min_compression_rate=float(config.min_compression_rate),
                                   start_compressing_after_num_steps=config.start_compressing_after_num_steps)
         self.names = [str(i) for i in range(len(self.params))]
         first = self.params[0]
