@@ -16,7 +16,7 @@ from torch import nn
 
 from compressors import Config, PowerSGD, optimizer_step
 from sim.distributed import spawn
-from tests.powersgd_package_reference import PACKAGE_BUGS, PackageConfig, PackageReference, should_compress
+from powersgd_package_reference import PACKAGE_BUGS, PackageConfig, PackageReference, should_compress
 
 STEPS = 50
 ATOL = 1e-12  # float64: rounding only (batched vs one-at-a-time matmuls, summation order)
@@ -165,7 +165,7 @@ def test_selection_on_the_matrix_view_deviates_only_where_the_raw_shape_differs(
 
 def test_factor_dtype_deviates_only_where_the_package_fails():
     with default_dtype(torch.float32):  # a float64 model under the default float32: the package's matmul fails
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError, match="same dtype"):
             reference_loop(1, README, False, steps=1)
         ours = readme_loop(0, README, False, steps=10)
     with default_dtype(torch.float64):
@@ -224,3 +224,33 @@ def test_a_zero_first_gradient_does_not_freeze_a_rank1_layer():
     assert stuck == 0.0  # the package: zero factors, this layer never moves again
     assert moved > 1e-3 and moved == pytest.approx(moved_ref, abs=ATOL)
     assert gap([ours], [fixed]) <= ATOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_runs_where_the_package_fails(dtype):
+    with pytest.raises(RuntimeError, match="same dtype"):  # factors in the default float32 against half-precision gradients
+        reference_loop(1, README, False, steps=1, dtype=dtype)
+    model = make_model(False, dtype)
+    params = list(model.parameters())
+    powersgd = PowerSGD(params, config=Config(**README))
+    optimizer = make_optimizer(params)
+    for step in range(5):
+        batch_loss(model, 0, step).backward()
+        optimizer_step(optimizer, powersgd)
+    kernel_state = powersgd.state.compressed.inner
+    assert {f.dtype for f in (*kernel_state.p.values(), *kernel_state.q.values())} == {dtype}
+    assert all(bool(torch.isfinite(p).all()) for p in params)
+    assert gap([params], [list(make_model(False, dtype).parameters())]) > 1e-3  # it trained
+
+
+def test_a_scalar_parameter_is_a_one_by_one_matrix_where_the_package_fails():
+    config = dict(README, min_compression_rate=0.4)  # 1 x 1 at 2 iterations: rate 1 / (0.5 * 2 * 1 * 2) = 0.5
+    scale = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError):  # the package's selection takes min() of the empty shape
+        PackageReference([scale], PackageConfig(**config), 1)
+    powersgd = PowerSGD([scale], config=Config(**config))
+    assert powersgd.state.compressed_names == ("0",)
+    optimizer = torch.optim.SGD([scale], lr=0.1)
+    (scale * 2.0).backward()
+    optimizer_step(optimizer, powersgd)
+    assert float(scale.detach()) == pytest.approx(1.5 - 0.1 * 2.0, abs=1e-15)  # rank 1 of a 1 x 1 matrix is exact
