@@ -23,6 +23,9 @@ tests can show that the project's deviations matter only where a bug bites:
 - ``factors_in_default_dtype``: factors are drawn in torch's default dtype (a mismatch fails in the matmul).
 - ``zero_factor_kept``: an all-zero factor is stored as it is (rank 1: it stays zero for good).
 - nothing compressible: ``IndexError`` (the package takes the first compressed parameter's device).
+
+``residual="averaged"`` models the package before July 2022 instead: after the all-reduce each worker
+subtracted the *averaged* reconstruction P^ Q^T / W (or P Q^^T / W) from R_i, not its own message.
 """
 from __future__ import annotations
 
@@ -54,8 +57,8 @@ class PackageReference:
     """``aggregate(per-worker gradient lists) -> averaged list``; per-worker residuals kept in ``self.residual``."""
 
     def __init__(self, params: list[torch.Tensor], config: PackageConfig, workers: int, seed: int = 0,
-                 bugs: tuple[str, ...] = PACKAGE_BUGS):
-        self.config, self.workers, self.bugs = config, workers, set(bugs)
+                 bugs: tuple[str, ...] = PACKAGE_BUGS, residual: str = "local"):
+        self.config, self.workers, self.bugs, self.residual_mode = config, workers, set(bugs), residual
         self.shapes = [tuple(p.shape) for p in params]
         self.compressed = [i for i, s in enumerate(self.shapes)
                            if should_compress(s, config, "raw_shape_selection" in self.bugs)]
@@ -105,10 +108,14 @@ class PackageReference:
                     r = residual[w, i]
                     mine = (r.T if sends_q else r) @ shared[i]  # Q_i = R_i^T P^ or P_i = R_i Q^
                     own = shared[i] @ mine.T if sends_q else mine @ shared[i].T
-                    residual[w, i] = r - own
+                    if self.residual_mode == "local":
+                        residual[w, i] = r - own
                     total = mine if total is None else total + mine
-                approximation[i] = approximation[i] + (shared[i] @ total.T if sends_q else total @ shared[i].T
-                                                       ) / self.workers
+                averaged = (shared[i] @ total.T if sends_q else total @ shared[i].T) / self.workers
+                approximation[i] = approximation[i] + averaged
+                if self.residual_mode == "averaged":
+                    for w in range(self.workers):
+                        residual[w, i] = residual[w, i] - averaged
                 other[i] = total  # the package keeps the SUM in its buffer
         if "zero_factor_kept" not in self.bugs:  # the project: an all-zero factor gets its start-of-step value
             for factors, start in zip((self.p, self.q), at_start):
