@@ -60,8 +60,8 @@ def compare(table: pd.DataFrame, baseline, metric: str = "test_accuracy", by: st
         seeds = values[name].index.intersection(values[baseline].index)
         if len(seeds) == 0:
             raise ValueError(f"compare: configuration {name!r} shares no seed with baseline {baseline!r} "
-                             f"(its seeds: {sorted(values[name].index)}; the baseline's: "
-                             f"{sorted(values[baseline].index)}); allowed: runs of both on the same seeds")
+                             f"(its seeds: {sorted(map(_plain, values[name].index))}; the baseline's: "
+                             f"{sorted(map(_plain, values[baseline].index))}); allowed: runs of both on the same seeds")
         config, reference = values[name][seeds], values[baseline][seeds]
         usable = config.notna() & reference.notna()  # NaN: a run with no value of the metric at all
         config, reference = config[usable], reference[usable]
@@ -115,7 +115,7 @@ def run_values(table: pd.DataFrame, metric: str, by: str, seed: str, target: flo
     rows = table[columns]
     duplicated = rows.duplicated(subset=[by, seed, "step"])
     if duplicated.any():
-        first = rows[duplicated].iloc[0]
+        first = {k: _plain(v) for k, v in rows[duplicated].iloc[0].items()}
         raise ValueError(f"compare: configuration {first[by]!r} has two runs with seed {first[seed]!r} "
                          f"(step {first['step']!r} appears twice); allowed: one run per ({by}, {seed})")
     out = {}
@@ -139,6 +139,11 @@ def first_reaching(metric: pd.Series, x: pd.Series, target: float, higher_is_bet
     return float(x[reached].iloc[0]) if reached.any() else math.inf
 
 
+def _plain(value):
+    """numpy scalars as Python ones, so messages read 0, not np.int64(0)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _resolve_by(table: pd.DataFrame, by: str) -> str:
     if by == "label" and by not in table and "run" in table:
         return "run"  # sim.load_results names the configuration label "run"
@@ -159,7 +164,7 @@ def _check_arguments(table, baseline, metric, by, seed, target, x, confidence) -
         raise invalid(owner, "by", by, "a column without missing values (e.g. 'label' or 'run')")
     names = list(pd.unique(table[by]))
     if baseline not in names:
-        raise invalid(owner, "baseline", baseline, f"a value of column {by!r}: " + ", ".join(map(repr, names)))
+        raise invalid(owner, "baseline", baseline, f"a value of column {by!r}: " + ", ".join(repr(_plain(v)) for v in names))
     if target is not None and (not isinstance(target, (int, float)) or isinstance(target, bool)
                                or not math.isfinite(target)):
         raise invalid(owner, "target", target, "None or a finite number")
