@@ -117,7 +117,7 @@ def plot_differences(comparison: pd.DataFrame, ax=None, by: str = "label", title
                              f"(columns {', '.join(map(str, comparison.columns))})")
     plt = _pyplot()
     if ax is None:
-        _, ax = plt.subplots(figsize=(5.5, 0.5 + 0.45 * max(len(comparison), 1)))
+        _, ax = plt.subplots(figsize=(5.5, 1.2 + 0.45 * max(len(comparison), 1)))
     rows = range(len(comparison))[::-1]  # first configuration on top
     mean = comparison["mean_diff"].to_numpy(float)
     errors = [mean - comparison["ci_low"].to_numpy(float), comparison["ci_high"].to_numpy(float) - mean]

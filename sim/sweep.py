@@ -11,6 +11,12 @@ from tqdm.auto import tqdm
 from .experiment import Experiment
 
 
+SPAWN_HINT = ("sweep: a worker process ended before returning its run. With processes > 1 every worker starts a "
+              "fresh interpreter that imports the main module: call sweep from a notebook, from `python -m`, or "
+              "from a script under `if __name__ == '__main__':` (not from stdin); a worker killed for lack of "
+              "memory ends the same way. processes=1 has neither constraint.")
+
+
 def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     keys = list(grid)
     for key in keys:
@@ -80,6 +86,7 @@ def run_in_processes(jobs: Sequence[Experiment], progress: bool, processes: int,
     """``one_run`` of each job in job order, ``processes`` at a time; the bar moves as runs finish."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
     histories: list = [None] * len(jobs)
     # "spawn": a fresh interpreter per worker (forking a process that has run torch threads can deadlock).
@@ -92,9 +99,11 @@ def run_in_processes(jobs: Sequence[Experiment], progress: bool, processes: int,
             for future in as_completed(futures):
                 histories[futures[future]] = future.result()  # a failed run raises its error here
                 bar.update(1)
-        except BaseException:
+        except BaseException as error:
             for future in futures:  # stop at the first failure (or Ctrl-C) instead of running the rest
                 future.cancel()
+            if isinstance(error, BrokenProcessPool):
+                raise RuntimeError(SPAWN_HINT) from error
             raise
     return histories
 

@@ -152,6 +152,10 @@ def test_errors_name_the_field_and_allowed_values():
         sim.compare(table, baseline="exact", confidence=95)
     with pytest.raises(ValueError, match="x='sim_time' is invalid"):
         sim.compare(table, baseline="exact", target=0.5, x="sim_time")
+    with pytest.raises(ValueError, match="by='options' is invalid; allowed: a column of hashable values"):
+        sim.compare(table.assign(options=[{"rank": 1}] * len(table)), baseline="exact", by="options")
+    with pytest.raises(ValueError, match="by='rank' is invalid; allowed: a column without missing values"):
+        sim.compare(table.assign(rank=[1.0, None] * (len(table) // 2)), baseline=1.0, by="rank")
     doubled = pd.concat([table, table])
     with pytest.raises(ValueError, match="configuration 'exact' has two runs with seed 0"):
         sim.compare(doubled, baseline="exact")
