@@ -8,7 +8,7 @@ Per row, dropping all but the k largest of m squares leaves at most (1 - k/m) of
 (Stich, Cordonnier, Jaggi 2018, Lemma A.1, applied row by row), so the operator is a deterministic
 contraction with delta = min over tensors of k/m (``theory.operators.topk_delta``).
 
-    import compressors, examples.my_compressor          # importing registers "row_topk"
+    import compressors, my_compressor          # (examples/ on sys.path) importing registers "row_topk"
     agg = compressors.make("row_topk", k=2)
     compressors.testing.check_compressor("row_topk", k=2)
 """
