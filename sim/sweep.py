@@ -26,6 +26,7 @@ def sweep(base: Experiment, grid: Mapping[str, Sequence[Any]] | None = None, see
     The table has each run's history plus one column per grid key, ``seed``, and ``run`` (a label).
     """
     from .runner import run
+    from .store import sends_dense
 
     points = grid_points(grid or {})
     if not seeds:
@@ -33,10 +34,12 @@ def sweep(base: Experiment, grid: Mapping[str, Sequence[Any]] | None = None, see
     experiments = [(point, seed, base.with_overrides({**point, "seed": seed})) for point in points for seed in seeds]
     tables = []
     for point, seed, experiment in tqdm(experiments, disable=not progress, desc="sweep"):
-        history = run(experiment).history.copy()
+        result = run(experiment)
+        history = result.history.copy()
         for key, value in point.items():
             history[key] = [value] * len(history)
         history["seed"] = seed
-        history["run"] = ", ".join(f"{k}={v}" for k, v in point.items()) or "base"
+        history["run"] = (", ".join(f"{k}={v}" for k, v in point.items()) or "base") + (
+            " (dense)" if sends_dense(result) else "")
         tables.append(history)
     return pd.concat(tables, ignore_index=True)
