@@ -122,3 +122,19 @@ def test_a_degenerate_configuration_is_labelled_dense_and_warns_once():
     assert len(dense) == 1 and "powersgd(rank=8,min_compression_rate=0.0)" in str(dense[0].message)
     assert set(table.compressor) == {"identity", "powersgd(rank=8,min_compression_rate=0.0) (dense)",
                                      "powersgd(rank=1)"}
+
+
+def test_a_degenerate_run_warns_once_and_its_sweep_label_says_dense():
+    base = sim.Experiment(task="synthetic-lowrank", workers=2, steps=2, batch_size=8, eval_every=0,
+                          task_options={"dim_in": 13, "dim_out": 7, "samples": 64, "test_samples": 16},
+                          compressor={"name": "powersgd", "rank": 1, "min_compression_rate": 0.0})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        table = sim.sweep(base, grid={"compressor.rank": [1, 7]}, seeds=[0, 1], progress=False)
+    dense = [w for w in caught if issubclass(w.category, DenseConfigurationWarning)]
+    assert len(dense) == 1 and "'rank': 7" in str(dense[0].message)  # two seeds, one warning
+    assert list(dict.fromkeys(table.run)) == ["compressor.rank=1", "compressor.rank=7 (dense)"]
+    result = sim.run(base.replace(compressor={"name": "powersgd", "rank": 7, "min_compression_rate": 0.0}))
+    assert result.bits_per_step > result.dense_bits_per_step  # rank 7 on a 7 x 13 matrix: worse than dense
+    assert sim.store.label({}, result.experiment, dense=sim.store.sends_dense(result)) == \
+        "powersgd(rank=7, min_compression_rate=0.0) (dense)"
