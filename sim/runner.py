@@ -277,6 +277,10 @@ def run(experiment: Experiment, *, comm=None, local_workers: range | None = None
                   time.perf_counter() - started, extras={"final_state": state})
 
 
+#: The history's columns. bits: cumulative payload bits one worker sent. compression_error: the relative error
+#: of the applied update against the exact mean of the step's gradients, error-feedback memory included
+#: (||update - mean_i g_i|| / ||mean_i g_i||; NaN on steps not measured, see compression_error_every).
+#: memory_norm: sqrt(mean_i ||e_i||^2) of the error-feedback residuals.
 HISTORY_COLUMNS = ["step", "lr", "train_loss", "test_loss", "test_accuracy", "bits", "compression_error",
                    "memory_norm", "skipped_steps", "sim_time"]
 

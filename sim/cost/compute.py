@@ -15,7 +15,8 @@ Neural Language Models", 2020, sec. 2.1). Real training reaches a fraction of th
 default 0.4: an assumption in the range reported for convnet training; measure for anything that matters).
 FLOPs are counted by ``torch.utils.flop_counter`` (matmuls and convolutions; QR and elementwise ops count 0,
 so an encode/decode priced from FLOPs also pays ``memory_passes`` reads+writes of the gradient at the memory
-bandwidth).
+bandwidth). Counting is deterministic; ``measure_*`` read this machine's clock (``sim.whatif`` uses them only
+when asked, or when the compute itself is measured here). An exact aggregator's encode/decode is 0 in both.
 """
 from __future__ import annotations
 
