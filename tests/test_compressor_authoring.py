@@ -74,11 +74,11 @@ def test_example_runs_in_sim_run():
 
 def test_example_runs_in_whatif():
     example()
-    shapes = {"w1": (64, 128), "b1": (64,), "w2": (10, 64)}
-    table = sim.whatif(shapes, compressors=["row_topk:k=4"], workers=[8], networks=["ethernet-1g"], compute=0.01)
+    shapes = {"w1": (256, 1024), "b1": (256,), "w2": (10, 256)}
+    table = sim.whatif(shapes, compressors=["row_topk:k=4"], workers=[8], networks=["ethernet-1g"], compute=0.001)
     row = table[table.compressor == "row_topk(k=4)"].iloc[0]
     assert row.mb_per_worker * 8e6 == pytest.approx(compressors.make("row_topk", k=4).bits_per_step(shapes))
-    assert row.speedup > 1.0  # 8x fewer bits on a slow link
+    assert row.speedup > 1.0  # 64x fewer bits on a slow link, little compute to hide the dense all-reduce
 
 
 def test_example_runs_as_a_ddp_hook(tmp_path):

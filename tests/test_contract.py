@@ -30,13 +30,8 @@ def test_registry_is_not_empty():
 def test_battery(name, check):
     report = testing.check_compressor(name, checks=[check], **testing.default_options(name))
     assert set(report) == {check}
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_theory_claims_are_checked_not_skipped_where_a_bound_exists(name):
-    claim = build(name).theory(testing.SHAPES)
-    outcome = testing.check_theory_holds(build(name), owner=name)
-    assert (outcome == "ok") == (claim.kind != "biased"), (claim, outcome)
+    if check == "theory_holds":  # a claim with a bound is checked, not skipped
+        assert (report[check] == "ok") == (build(name).theory(testing.SHAPES).kind != "biased"), report
 
 
 class _NoTheory(Aggregator):
