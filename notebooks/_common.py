@@ -87,3 +87,45 @@ def first_reaching(history: pd.DataFrame, column: str, target: float, above: boo
     values = history.dropna(subset=[column])
     hit = values[values[column] >= target] if above else values[values[column] <= target]
     return float(hit["step"].iloc[0]) if len(hit) else math.inf
+
+
+def lowrank_error_run(experiment, rank: int, measure_every: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``experiment``'s history, and every ``measure_every`` steps, for each compressed matrix, how far the
+    compressor's update is from the matrix it was given, M = mean_i (g_i + e_i) (gradients plus error-feedback
+    memory; the compressor must use error feedback), against the best rank-``rank`` approximation of M:
+    ``error`` = ||M - update||_F^2 / ||M||_F^2 and ``optimum`` = sum_{i>rank} sigma_i(M)^2 / ||M||_F^2
+    (Eckart-Young; theory.lowrank.relative_eckart_young_error). Module-level so a process pool can run it."""
+    import compressors
+    import sim
+    import theory
+
+    torch.set_num_threads(1)
+    simulation = sim.Simulation(experiment)
+    rows, step = [], [0]
+
+    def observe(grads, state_in, update, state_out):
+        step[0] += 1
+        if step[0] % measure_every:
+            return
+        memory = next((s.memory for s in compressors.iter_states(state_in)
+                       if isinstance(s, compressors.ErrorFeedbackState)), {})
+        for name, e in memory.items():  # exactly the compressed tensors
+            m = (grads[name] + e).mean(0).double().reshape(e.shape[1], -1)  # (n, m): what the compressor was given
+            err = float((update[name].double().reshape(m.shape) - m).pow(2).sum()) / float(m.pow(2).sum())
+            opt = theory.lowrank.relative_eckart_young_error(torch.linalg.svdvals(m), rank)
+            rows.append({"step": step[0], "tensor": f"{name} {tuple(m.shape)}", "error": err, "optimum": opt})
+
+    simulation.aggregator = Recorder(simulation.aggregator, observe)
+    history = sim.run(experiment, simulation=simulation).history
+    return history, pd.DataFrame(rows, columns=["step", "tensor", "error", "optimum"])
+
+
+def map_in_processes(function: Callable, calls: Sequence[tuple], processes: int) -> list:
+    """[function(*call) for call in calls], ``processes`` at a time in fresh ("spawn") processes (as sim.sweep)."""
+    if processes == 1:
+        return [function(*call) for call in calls]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(function, *zip(*calls)))
