@@ -107,7 +107,7 @@ def _measure(rank: int, world: int, repeats: int, inner: int) -> dict[str, list[
 
 
 def run(quick: bool = False):
-    results = spawn(_measure, 2, args=(3 if quick else 9, 3 if quick else 5), timeout=600, threads=1)
+    results = spawn(_measure, 2, args=(3 if quick else 7, 2 if quick else 3), timeout=600, threads=1)
     samples = results[0]["samples"]  # rank 0's clock (the collectives keep both ranks in step)
     ours_many, ours_one = "ours overlapped, 4 MB buckets", "ours overlapped, 1 bucket"
     metrics = {
