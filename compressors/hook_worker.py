@@ -9,17 +9,31 @@ ones. (torch's ``powerSGD_hook`` issues collectives from future callbacks, whose
 gloo with several buckets.)
 
 The thread is a daemon (it never holds the interpreter open at exit); ``close()`` ends it explicitly after
-the jobs already submitted, and a garbage-collected owner closes it too (see ``HookState``).
+the jobs already submitted, a garbage-collected owner closes it too (see ``HookState``), and an exit
+handler closes every thread still running before the interpreter finalizes.
 """
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 
 import torch
 
 _STOP = object()
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # workers with a thread, stopped at exit (see _close_all)
+#: seconds the exit handler waits for each thread (one stuck in a collective with a dead peer is left behind)
+EXIT_WAIT_S = 5.0
+
+
+@atexit.register
+def _close_all() -> None:
+    """Stop every thread before the interpreter finalizes: a daemon thread that has run torch code and is
+    still alive when torch's static state is torn down can abort the process ("terminate called ...")."""
+    for worker in list(_LIVE):
+        worker.close(EXIT_WAIT_S)
 
 
 class HookWorker:
@@ -45,6 +59,7 @@ class HookWorker:
             if self._thread is None:  # started on first use: the process group exists by then
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
+                _LIVE.add(self)
             self._jobs.put((job, future))
 
     def close(self, timeout: float | None = 60.0) -> None:

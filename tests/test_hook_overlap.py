@@ -48,11 +48,14 @@ def test_a_job_exception_reaches_its_future_and_the_thread_goes_on():
 
 
 def test_an_unclosed_worker_does_not_hold_the_interpreter_at_exit():
+    # Without the exit handler that stops live threads, about 1 exit in 4 aborted ("terminate called without
+    # an active exception"): a few tries make the test able to fail.
     code = ("import torch; from compressors.hook_worker import HookWorker; w = HookWorker(); "
             "f = torch.futures.Future(); w.submit(lambda: torch.ones(1), f); print(float(f.wait()[0]))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "1.0"
+    for _ in range(4):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and not out.stderr, out.stderr
+        assert out.stdout.strip() == "1.0"
 
 
 def test_overlap_option_is_validated():
