@@ -15,8 +15,9 @@ Three sections, each a table (and flat keys in the returned dict):
 2. Our PowerSGD kernel against torch's ``powerSGD_hook`` on the device: ResNet-18's gradient shapes in one
    bucket, in a process group (NCCL on CUDA), rank 2, error feedback, warm start; the faster torch batching setting.
 3. ``compressors.ddp_comm_hook`` under DDP on NCCL, world size 1 and, where two GPUs exist, 2 (the fallback:
-   2 gloo processes; section 2 runs in the first of these process groups): an MLP with several buckets, 8 steps overlapped and synchronous (must agree bitwise), a NaN
-   batch on rank 0 at step 4 (must be skipped on every rank, the run going on finite), and the step time.
+   2 gloo processes; section 2 runs in the first of these process groups): an MLP with several buckets,
+   8 steps overlapped and synchronous (must agree bitwise), a NaN batch on rank 0 at step 4 (must be skipped
+   on every rank, the run going on finite), and the step time.
 
 CUDA timings synchronise the device around every timed call. The fallback uses small sizes (W = 2, B = 1,
 a few small shapes) and only checks that everything runs and agrees; its timings mean nothing.
