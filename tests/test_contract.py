@@ -19,7 +19,7 @@ from sim.collective import VirtualCollective
 
 SHAPES = {"w": (6, 5), "conv": (4, 2, 3, 3), "b": (6,), "big": (16, 12)}
 WORKERS = 3
-THEORY_KINDS = ("exact", "unbiased", "contractive", "biased")
+THEORY_KINDS = ("exact", "unbiased", "contractive", "nonexpansive", "biased")
 # A value for options that have no usable default (None meaning "choose one", or no default at all).
 REQUIRED_CHOICES = {"ratio": 0.25, "k": 4, "rank": 1, "levels": 4}
 
@@ -82,6 +82,8 @@ def check_declares_theory(agg: Aggregator, shapes) -> TheoryClaim:
         assert claim.delta is not None and 0 < claim.delta <= 1, claim
     if claim.kind == "exact":
         assert claim.omega in (None, 0.0) and claim.delta in (None, 1.0), claim
+    if claim.kind == "nonexpansive":  # delta = 0: no contraction may be implied by a number
+        assert claim.delta is None and claim.deterministic, claim
     return claim
 
 
@@ -173,8 +175,8 @@ def test_ledger_agrees_with_bits_per_step(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_class_claim_on_a_single_step(name):
     # First step (error-feedback memory still zero): an "exact" claim must give the mean of W workers; a
-    # deterministic contraction must hold on one worker, where the update is C(x) itself. (Unbiasedness and
-    # in-expectation claims are the statistical suite's business.)
+    # deterministic contraction (or a nonexpansive claim, delta = 0) must hold on one worker, where the update is
+    # C(x) itself. (Unbiasedness, in-expectation claims and adversarial inputs: tests/test_theory_adversarial.py.)
     agg = build(name)
     claim = check_declares_theory(agg, SHAPES)
     if claim.kind == "exact":
@@ -183,9 +185,10 @@ def test_class_claim_on_a_single_step(name):
         mean = exact_mean(grads)
         for n in SHAPES:
             assert torch.allclose(update[n], mean[n], rtol=1e-10, atol=1e-12), f"{name}: claims exact, {n} differs"
-    elif claim.kind == "contractive" and claim.deterministic:
+    elif claim.kind in ("contractive", "nonexpansive") and claim.deterministic:
         grads = grads_for(3, torch.float64, workers=1)
         (update,), _, _ = run(agg, [grads], dtype=torch.float64, workers=1)
         x2 = sum(float(g.pow(2).sum()) for g in grads.values())
         err2 = sum(float((update[n] - grads[n][0]).pow(2).sum()) for n in SHAPES)
-        assert err2 <= (1 - claim.delta) * x2 * (1 + 1e-9), f"{name}: ||C(x)-x||^2 = {err2} > (1-delta)||x||^2"
+        delta = claim.delta if claim.kind == "contractive" else 0.0
+        assert err2 <= (1 - delta) * x2 * (1 + 1e-9), f"{name}: ||C(x)-x||^2 = {err2} > (1-delta)||x||^2"
