@@ -352,10 +352,9 @@ def test_claim_in_expectation_after_an_adversarial_prefix(name, options, shape):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,options", RANDOM_CONFIGS)
-@pytest.mark.parametrize("kind", INPUTS)
-@pytest.mark.parametrize("shape", [(16, 12), (12, 16), (24, 3)])
-@pytest.mark.parametrize("scale", [1e-100, 1e100])
+@pytest.mark.parametrize("name,options", [p for p in RANDOM_CONFIGS if p.values[1]["error_feedback"] == "none"])
+@pytest.mark.parametrize("kind", RANDOM_INPUTS)
+@pytest.mark.parametrize("shape,scale", [((16, 12), 1e-100), ((3, 24), 1e100)])
 def test_claim_in_expectation_bigger_and_scaled(name, options, kind, shape, scale):
     agg = build(name, options)
     claim = agg.theory({"x": shape})
@@ -501,3 +500,38 @@ def test_memory_stays_below_the_bound_along_an_adversarial_sequence(name, option
         memory = next(s for s in compressors.iter_states(state) if isinstance(s, compressors.ErrorFeedbackState))
         e2 = float(memory.memory["x"].pow(2).sum())
         assert e2 <= theory.error_feedback.memory_bound(premise.delta, 1.0, largest) * (1 + 1e-9), (t, kind)
+
+
+# -- the documented table --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options,kind,delta,per_worker", [
+    ({}, "nonexpansive", None, True),
+    ({"variant": "alternating"}, "nonexpansive", None, True),
+    ({"num_iters_per_step": 4}, "nonexpansive", None, True),
+    ({"warm_start": False}, "contractive", 2 / 6, False),
+    ({"warm_start": False, "num_iters_per_step": 2}, "contractive", 2 / 6, False),
+    ({"warm_start": False, "variant": "alternating"}, "contractive", 2 / 8, True),
+    ({"warm_start": False, "variant": "alternating", "num_iters_per_step": 2}, "contractive", 2 / 6, False),
+    ({"warm_start": False, "orthogonalization": "gram_schmidt"}, "nonexpansive", None, True),
+    ({"rank": 8, "shape": (6, 8)}, "exact", 1.0, True),  # rank >= n = 6: P^ square orthogonal, warm or cold
+    ({"rank": 6, "warm_start": False}, "exact", 1.0, False),  # rank >= m = 6, cold: exact on the mean
+    ({"rank": 6}, "nonexpansive", None, True),  # rank >= m but warm: a rank-deficient factor breaks it
+    ({"rank": 6, "start_compressing_after_num_steps": 3}, "nonexpansive", None, True),
+])
+def test_powersgd_claims_as_documented(options, kind, delta, per_worker):
+    """docs/theory_claims.md's PowerSGD rows, on one 8 x 6 matrix at rank 2 unless stated."""
+    options = dict(options)
+    shape = options.pop("shape", (8, 6))
+    agg = compressors.make("powersgd", **{"rank": 2, "min_compression_rate": 0.0, **options})
+    claim = agg.theory({"w": shape})
+    assert (claim.kind, claim.per_worker) == (kind, per_worker), claim
+    assert claim.delta == (None if delta is None else pytest.approx(delta)), claim
+
+
+def test_every_registered_compressor_is_in_the_documented_table():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "theory_claims.md").read_text()
+    missing = [name for name in compressors.REGISTRY if f"`{name}`" not in text]
+    assert not missing, f"docs/theory_claims.md lacks {missing}"
