@@ -45,7 +45,8 @@ class Cast(Aggregator):
         # flushes |x| < 3e-8 to 0: delta(x) = 0), above it the cast gives inf.
         info = torch.finfo(self.dtype)
         return TheoryClaim(kind="contractive", delta=operators.cast_delta(self.dtype), deterministic=True,
-                           magnitudes=(info.tiny, info.max), premise=f"every nonzero |x_j| in {self.name}'s normal range")
+                           magnitudes=(info.tiny, info.max),
+                           premise=f"every nonzero |x_j| in {self.name}'s normal range")
 
     def __repr__(self):
         return f"Cast({self.name!r})"

@@ -268,10 +268,11 @@ class PowerSGDKernel(Aggregator):
         Every variant applies, per matrix, projections onto subspaces with orthonormal (QR) or shrunk
         orthogonal (Gram-Schmidt, columns divided by norm + epsilon) bases: ||C(x) - x|| <= ||x|| always. A
         positive delta needs fresh randomness this step (``warm_start=False``) and an exact orthonormal basis
-        (QR; Gram-Schmidt divides by norm + epsilon, and with epsilon = 0 a rank-deficient P gives NaN): with warm start the subspace comes from earlier steps and an input orthogonal to
-        it loses everything (after M1 = e1 f1^T + e2 f2^T, the input 10 (e3 f3^T + e4 f4^T) + 0.01 M1 keeps
-        delta ~ 1e-6 at rank 2, for any number of iterations); with epsilon > 0 an input of tiny scale
-        (|x| ~ 1e-12) keeps its share only up to ||P||/(||P|| + epsilon).
+        (QR; Gram-Schmidt divides by norm + epsilon, and with epsilon = 0 a rank-deficient P gives NaN). With
+        warm start the subspace comes from earlier steps and an input orthogonal to it loses everything
+        (after M1 = e1 f1^T + e2 f2^T, the input 10 (e3 f3^T + e4 f4^T) + 0.01 M1 keeps delta ~ 1e-6 at
+        rank 2, for any number of iterations); with epsilon > 0 an input of tiny scale (|x| ~ 1e-12) keeps
+        its share only up to ||P||/(||P|| + epsilon).
         """
         per_matrix = [self._matrix_claim(*matrix_view_shape(tuple(s))) for s in shapes.values()]
         if not per_matrix or all(c.kind == "exact" for c in per_matrix):

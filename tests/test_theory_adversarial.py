@@ -32,7 +32,9 @@ from compressors.base import TheoryClaim
 from sim.collective import VirtualCollective
 
 OPTION_VARIANTS = {"warm_start": [False], "variant": ["alternating"], "num_iters_per_step": [2],
-                   "orthogonalization": ["gram_schmidt"], "scaled": [True]}
+                   "orthogonalization": ["gram_schmidt"], "scaled": [True],
+                   # the policies: exact warm-up steps first; tensors below the rate all-reduced exactly
+                   "start_compressing_after_num_steps": [2], "min_compression_rate": [2.0]}
 # PowerSGD's cold start in combination with its other options (each changes which bound is provable).
 COMBINATIONS = [{"warm_start": False, "variant": "alternating"},
                 {"warm_start": False, "variant": "alternating", "num_iters_per_step": 2},
@@ -99,7 +101,8 @@ def adversarial(kind: str, n: int, m: int, seed: int) -> torch.Tensor:
     elif kind == "all_equal":
         x.fill_(0.37)
     elif kind == "rank1":
-        x = torch.outer(torch.randn(n, generator=g, dtype=torch.float64), torch.randn(m, generator=g, dtype=torch.float64))
+        x = torch.outer(torch.randn(n, generator=g, dtype=torch.float64),
+                        torch.randn(m, generator=g, dtype=torch.float64))
     elif kind == "flat":  # every singular value equal: the case where r/min(n, m) is tight
         big = torch.linalg.qr(torch.randn(max(n, m), k, generator=g, dtype=torch.float64)).Q  # (max, k)
         x = big if n >= m else big.T

@@ -47,8 +47,9 @@ def memory_bound(delta: float, gamma: float, G: float) -> float:
     geometric series gives the bound.
     Assumptions: C is delta-contractive on every input (deterministically, or in expectation for a bound on
     E||e||^2), ||g_t|| <= G (or E||g_t||^2 <= G^2). ``memory_bound_premise`` says whether a compressor's
-    declared class meets this for an error-feedback mode and number of workers (warm-started PowerSGD does not). It does not cover "averaged" memory (residual against
-    other workers' messages) nor EF21 (whose memory is a gradient estimate).
+    declared class meets this for an error-feedback mode and number of workers (warm-started PowerSGD does
+    not). It does not cover "averaged" memory (residual against other workers' messages) beyond the workers'
+    mean, nor EF21 (whose memory is a gradient estimate).
     Source: Stich, Cordonnier, Jaggi, NeurIPS 2018, Lemma 3.2 (top-k); Karimireddy, Rebjock, Stich, Jaggi,
     ICML 2019, Lemma 3 (any delta-compressor).
     """
@@ -179,8 +180,8 @@ def memory_bound_premise(claim, mode: str = "local", workers: int = 1) -> BoundP
                             f"a {claim.kind!r} operator has no contraction (delta > 0) for every input")
     per_worker = getattr(claim, "per_worker", True)
     if workers == 1 or (mode != "averaged" and per_worker):
-        return BoundPremise(True, delta, expectation, "each worker",
-                            "each worker's residual x_i - C_i(x_i) contracts" + (" in expectation" if expectation else ""))
+        how = " in expectation" if expectation else ""
+        return BoundPremise(True, delta, expectation, "each worker", f"each worker's residual x_i - C_i(x_i) contracts{how}")
     if not per_worker or claim.kind == "exact":
         return BoundPremise(True, delta, expectation, "the workers' mean",
                             "the update is C(mean_i x_i), so mean_i e_i = mean x - C(mean x) contracts; "
