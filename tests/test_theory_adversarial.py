@@ -538,3 +538,11 @@ def test_every_registered_compressor_is_in_the_documented_table():
     text = (Path(__file__).resolve().parent.parent / "docs" / "theory_claims.md").read_text()
     missing = [name for name in compressors.REGISTRY if f"`{name}`" not in text]
     assert not missing, f"docs/theory_claims.md lacks {missing}"
+
+
+@pytest.mark.parametrize("function,args", [(theory.lowrank.range_finder_delta, (0, 4, 2)),
+                                           (theory.lowrank.range_finder_delta, (4, 4, 0)),
+                                           (theory.lowrank.random_subspace_delta, (0, 1))])
+def test_lowrank_deltas_reject_bad_sizes(function, args):
+    with pytest.raises(ValueError, match="invalid"):
+        function(*args)

@@ -181,7 +181,8 @@ def memory_bound_premise(claim, mode: str = "local", workers: int = 1) -> BoundP
     per_worker = getattr(claim, "per_worker", True)
     if workers == 1 or (mode != "averaged" and per_worker):
         how = " in expectation" if expectation else ""
-        return BoundPremise(True, delta, expectation, "each worker", f"each worker's residual x_i - C_i(x_i) contracts{how}")
+        return BoundPremise(True, delta, expectation, "each worker",
+                            f"each worker's residual x_i - C_i(x_i) contracts{how}")
     if not per_worker or claim.kind == "exact":
         return BoundPremise(True, delta, expectation, "the workers' mean",
                             "the update is C(mean_i x_i), so mean_i e_i = mean x - C(mean x) contracts; "
