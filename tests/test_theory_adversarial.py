@@ -546,3 +546,17 @@ def test_every_registered_compressor_is_in_the_documented_table():
 def test_lowrank_deltas_reject_bad_sizes(function, args):
     with pytest.raises(ValueError, match="invalid"):
         function(*args)
+
+
+@given(kind=st.sampled_from(INPUTS), seed=st.integers(0, 2 ** 16))
+def test_cold_start_full_column_rank_is_exact_on_the_mean(kind, seed):
+    """rank >= m < n, cold start: span P^ = range(mean M Omega) = range(mean M) for a Gaussian Omega, so the
+    update is the mean exactly (almost surely) even on rank-deficient inputs; a worker's own message is not."""
+    agg = build("powersgd", {**base_options("powersgd"), "rank": 6, "warm_start": False})
+    claim = agg.theory({"x": (8, 6)})
+    assert claim.kind == "exact" and not claim.per_worker and not claim.deterministic
+    x = torch.stack([adversarial(kind, 8, 6, seed + i) for i in range(3)])  # (3, 8, 6)
+    update, _, _ = one_step(agg, x, seed=seed)
+    mean = x.mean(0)
+    if float(mean.abs().max()) > 0:
+        assert ratio(update, mean) <= RTOL
