@@ -560,3 +560,33 @@ def test_cold_start_full_column_rank_is_exact_on_the_mean(kind, seed):
     mean = x.mean(0)
     if float(mean.abs().max()) > 0:
         assert ratio(update, mean) <= RTOL
+
+
+def ef_memory_after(options: dict, sequence: list[torch.Tensor], seed: int) -> float:
+    """||e||^2 of one worker's local error-feedback memory after PowerSGD ran along ``sequence``."""
+    agg = compressors.make("powersgd", **{"rank": 2, "min_compression_rate": 0.0, "error_feedback": "local",
+                                          **options})
+    state = None
+    for g in sequence:
+        _, _, state = one_step(agg, g[None], seed=seed, state=state)
+    memory = next(s for s in compressors.iter_states(state) if isinstance(s, compressors.ErrorFeedbackState))
+    return float(memory.memory["x"].pow(2).sum())
+
+
+def test_memory_bound_where_its_premise_holds_and_not_where_it_does_not():
+    """Along M1, then M2 ten times (6 x 6, rank 2, one worker, local error feedback): warm start keeps the
+    subspace of M1, so the memory grows like 200 t^2 and passes memory_bound for the delta cold start has;
+    cold start satisfies the premise (in expectation), and the mean of ||e||^2 over 40 seeds stays below
+    the bound (one-sided, 5 standard errors)."""
+    m1, m2 = adversarial_sequence(6, 6)[:2]
+    sequence = [m1] + [m2] * 10
+    largest = max(float(g.norm()) for g in sequence)
+    cold = compressors.make("powersgd", rank=2, warm_start=False, min_compression_rate=0.0)
+    cold = cold.theory({"x": (6, 6)})
+    premise = theory.error_feedback.memory_bound_premise(cold, "local", workers=1)
+    assert premise.holds and premise.in_expectation and premise.delta == pytest.approx(2 / 6)
+    bound = theory.error_feedback.memory_bound(premise.delta, 1.0, largest)
+    warm = ef_memory_after({}, sequence, seed=0)
+    assert warm > 2 * bound  # no delta of the cold start's size holds with warm start
+    draws = torch.tensor([ef_memory_after({"warm_start": False}, sequence, seed) for seed in range(40)])
+    assert float(draws.mean()) <= bound + Z * float(draws.std()) / math.sqrt(len(draws))
