@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from .ddp_hook import from_plain, to_plain
 from .options import check_choice, check_float, check_int
 from .orthogonalize import ORTHOGONALIZATIONS
 from .registry import make
+from .serialization import from_plain, to_plain
 
 _ORTH_ALIASES = {"gram-schmidt": "gram_schmidt"}  # the package's spelling
 

@@ -14,7 +14,7 @@ then renamed over the final name with ``os.replace`` (atomic on POSIX and Window
 leaves at worst a stray ``.*.tmp`` file, which ``latest`` ignores; earlier checkpoints are untouched.
 
 The file is a ``torch.save`` of plain containers only (dicts, lists, tuples, numbers, strings, tensors;
-NamedTuples become tagged dicts, see ``compressors.ddp_hook.to_plain``), so it loads with
+NamedTuples become tagged dicts, see ``compressors.serialization``), so it loads with
 ``torch.load(weights_only=True)``: opening a checkpoint never runs arbitrary pickled code.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from compressors.ddp_hook import from_plain, to_plain
+from compressors.serialization import from_plain, to_plain
 from compressors.options import check_int
 from .collective import Ledger, LedgerRecord
 from .experiment import Experiment

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 import compressors
+from compressors.serialization import register_record
 from compressors.state_tree import memory_tensors, squared_norm
 from . import checkpoint
 from .collective import VirtualCollective
@@ -31,6 +32,7 @@ from .tasks import Task, load_task
 Tensors = dict[str, torch.Tensor]
 
 
+@register_record
 class TrainState(NamedTuple):
     step: int  # steps completed
     params: Tensors  # (*shape), one copy shared by all workers
