@@ -113,6 +113,12 @@ class Simulation:
             return self._skip(state, metrics, f"non-finite compressor output in {bad or 'another process'} from "
                                               "finite gradients (an overflow, e.g. of a 16-bit cast or factor)")
         params, opt_state = self.optimizer.step(state.params, update, state.optimizer, metrics["lr"])
+        # A finite update can still overflow the parameters or momentum (lr * update beyond the dtype's range).
+        # Parameters and momentum are identical on every process (the update is), so all decide alike unvoted.
+        bad = _nonfinite(params) + [f"momentum {n}" for n in (_nonfinite(opt_state.momentum) if e.momentum else [])]
+        if bad:
+            return self._skip(state, metrics, f"non-finite parameter after the optimizer step in {bad} (an overflow "
+                                              f"of lr={metrics['lr']:g} times the update)")
         bits = state.bits + sum(r.bits for r in comm.ledger.step_records)
         sim_time = state.sim_time
         if self.network is not None:
@@ -244,10 +250,12 @@ def run(experiment: Experiment, *, comm=None, local_workers: range | None = None
     checkpoint.check_options(checkpoint_dir, checkpoint_every, resume_from)
     if resume_from is not None and state is not None:
         raise ValueError("run: give state or resume_from, not both")
+    if checkpoint_dir is not None:  # writable and this configuration's, before any work
+        checkpoint.claim(checkpoint_dir, experiment)
     sim = simulation if simulation is not None else Simulation(experiment, comm, local_workers)
     rows: list[dict[str, float]] = []
     if resume_from is not None:
-        restored = checkpoint.load(resume_from, experiment, sim.local_workers)
+        restored = checkpoint.load(resume_from, experiment, sim.local_workers, reference=sim.initial_state())
         state, rows = restored.state, list(restored.rows)
         checkpoint.restore_ledger(sim.comm.ledger, restored.ledger)
     state = state if state is not None else sim.initial_state()
