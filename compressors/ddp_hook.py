@@ -187,7 +187,11 @@ def _checked_hook_state(saved: Any, aggregator: Aggregator, named: bool) -> tupl
     if set(saved) != set(_HOOK_KEYS):
         raise _hook_error(f"keys {sorted(map(str, saved))} are invalid; allowed: exactly {sorted(_HOOK_KEYS)}")
     body = {k: saved[k] for k in _HOOK_KEYS[:-1]}
-    if saved["checksum"] != digest(body):  # digest refuses unexpected types and deep nesting itself
+    try:
+        intact = saved["checksum"] == digest(body)  # digest refuses unexpected types and deep nesting itself
+    except ValueError as error:
+        raise _hook_error(str(error)) from None
+    if not intact:
         raise _hook_error("checksum mismatch: the state was altered or corrupted after it was saved")
     seed, calls, buckets = body["seed"], body["calls"], body["buckets"]
     for field, value in (("seed", seed), ("calls", calls)):
