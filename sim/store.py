@@ -7,9 +7,10 @@ Layout::
 
 ``run_id`` is a readable prefix plus a hash of the full experiment (seed included), so the same experiment
 always lands in the same folder. Both files are written atomically (temporary file + rename), history first;
-``record.json`` is the completion marker. A killed sweep started again finds every run whose record exists
-and matches its config, skips it, and redoes the rest: the final table is row for row the uninterrupted one
-(runs are deterministic given their seed).
+``record.json`` is the completion marker (a record that is not JSON, or JSON of another shape, or a history
+that is not a readable table, marks the run incomplete, never an error). A killed sweep started again finds
+every run whose record exists and matches its config, skips it, and redoes the rest: the final table is row
+for row the uninterrupted one (runs are deterministic given their seed).
 
 ``load_results(DIR)`` concatenates every complete run into one DataFrame.
 """
