@@ -37,7 +37,8 @@ import torch
 
 from compressors.options import check_int
 from compressors.serialization import digest, to_plain
-from .checkpoint_schema import FORMAT_VERSION, Checkpoint, body_of, check_state, experiment_differences, validate
+from .checkpoint_schema import (FORMAT_VERSION, Checkpoint, body_of, check_state, checked_rows, experiment_differences,
+                                validate)
 from .collective import Ledger, LedgerRecord
 from .experiment import Experiment
 
@@ -112,9 +113,13 @@ def _create_exclusively(path: Path, data: bytes) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         temporary.write_bytes(data)
-        os.link(temporary, path)  # fails if another process created it first: theirs is then compared
-    except FileExistsError:
-        pass
+        try:
+            os.link(temporary, path)  # fails if another process created it first: theirs is then compared
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links: atomic, but the last of racing writers wins
+            if not path.exists():
+                os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -144,6 +149,7 @@ def save(directory, experiment: Experiment, state, rows: list[dict[str, float]],
     directory = claim(directory, experiment)
     workers = experiment.workers
     local = local_workers if local_workers is not None else range(workers)
+    checked_rows(list(rows), experiment, state.step)
     body = {
         "format_version": FORMAT_VERSION,
         "experiment": to_plain(experiment.to_dict()),

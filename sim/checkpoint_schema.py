@@ -9,7 +9,8 @@ turns the ``torch.load(weights_only=True)`` payload into a ``Checkpoint`` only i
 - it was written by this experiment (every field equal) for these local workers;
 - its records are registered state types only (``compressors.serialization.from_plain``: nothing named in
   the file is imported or called), its step lies in [0, steps] and equals the state's step;
-- its history rows are exactly the steps this experiment logs up to that step, with numeric values;
+- its history rows are the steps this experiment logs up to that step (all of them, or the last ones
+  for a run continued from a given state), with numeric values;
 - its ledger totals are non-negative integers (and agree with its records, when it has them);
 - its state has the structure of a fresh ``initial_state()`` of this experiment (``check_state``): the same
   record types, keys, tensor shapes and dtypes; counters in range; parameters and momentum finite.
@@ -85,7 +86,7 @@ def _validate(payload: Any, experiment: Experiment, local: range) -> Checkpoint:
         raise ValueError(f"state is a {type(state).__name__}; allowed: a TrainState record")
     if state.step != step:
         raise ValueError(f"state.step={state.step!r} differs from step={step}; allowed: equal")
-    rows = _checked_rows(from_plain(payload["rows"], "$.rows"), experiment, step)
+    rows = checked_rows(from_plain(payload["rows"], "$.rows"), experiment, step)
     return Checkpoint(step, state, rows, _checked_ledger(from_plain(payload["ledger"], "$.ledger")))
 
 
@@ -97,7 +98,9 @@ def logged_steps(experiment: Experiment, upto: int) -> list[int]:
             or (e.eval_every > 0 and s % e.eval_every == 0)]
 
 
-def _checked_rows(rows: Any, experiment: Experiment, step: int) -> list[dict[str, float]]:
+def checked_rows(rows: Any, experiment: Experiment, step: int) -> list[dict[str, float]]:
+    """``rows`` if they are history rows of the steps logged up to ``step`` (ValueError otherwise); also run
+    before writing, so a checkpoint that could not be loaded is never written."""
     if type(rows) is not list:
         raise ValueError(f"rows is a {type(rows).__name__}; allowed: a list of history rows")
     for i, row in enumerate(rows):
@@ -108,9 +111,10 @@ def _checked_rows(rows: Any, experiment: Experiment, step: int) -> list[dict[str
                 raise ValueError(f"rows[{i}].{key}={value!r} is invalid; allowed: a number")
     steps = [row["step"] for row in rows]
     expected = logged_steps(experiment, step)
-    if steps != expected:
-        raise ValueError(f"rows hold steps {_short(steps)}; allowed: exactly the logged steps up to step {step}: "
-                         f"{_short(expected)} ({len(expected)} rows)")
+    # A suffix: a run continued from a given state (``sim.run(state=...)``) logs only from that state on.
+    if len(steps) > len(expected) or steps != expected[len(expected) - len(steps):]:
+        raise ValueError(f"rows hold steps {_short(steps)}; allowed: the logged steps up to step {step}, "
+                         f"{_short(expected)}, or a suffix of them (a run continued from a given state)")
     return rows
 
 

@@ -157,6 +157,8 @@ CORRUPTIONS = {
     "negative step": (lambda p: p.__setitem__("step", -1), r"step=-1 is invalid"),
     "step differs from state": (lambda p: p.__setitem__("step", 5), r"state\.step=6 differs from step=5"),
     "a row dropped": (lambda p: p["rows"].pop(2), r"rows hold steps \[1, 2, 4, 5, 6\]; allowed: .*\[1, 2, 3, 4, 5, 6\]"),
+    "the last row dropped": (lambda p: p["rows"].pop(), r"rows hold steps \[1, 2, 3, 4, 5\]; allowed"),
+    "a row added": (lambda p: p["rows"].append({"step": 7}), r"rows hold steps \[1, 2, 3, 4, 5, 6, 7\]; allowed"),
     "a row of text": (lambda p: p["rows"][0].__setitem__("train_loss", "low"), r"rows\[0\]\.train_loss='low'"),
     "skipped > steps": (_set_state_field("skipped_steps", 7), r"skipped_steps=7 is invalid"),
     "negative ledger": (lambda p: p["ledger"].__setitem__("calls", -3), r"ledger\.calls=-3 is invalid"),
@@ -416,3 +418,42 @@ def test_no_warning_on_a_clean_resume(copy):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         sim.run(EXPERIMENT, resume_from=copy)
+
+
+def test_a_run_continued_from_a_given_state_writes_resumable_checkpoints(tmp_path):
+    """Its rows start after the given state's step: a suffix of the logged steps, accepted."""
+    simulation = sim.Simulation(EXPERIMENT)
+    state = simulation.initial_state()
+    for _ in range(2):
+        state, _ = simulation.step(state)
+    continued = sim.run(EXPERIMENT, state=state, checkpoint_dir=tmp_path, checkpoint_every=2)
+    resumed = sim.run(EXPERIMENT, resume_from=tmp_path)
+    pd.testing.assert_frame_equal(resumed.history, continued.history, check_exact=True)
+    assert resumed.history.step.tolist() == [3, 4, 5, 6]
+
+
+def test_rows_that_could_not_be_loaded_are_never_written(tmp_path):
+    import numpy as np
+
+    state = sim.Simulation(EXPERIMENT).initial_state()._replace(step=1)
+    with pytest.raises(ValueError, match=r"rows\[0\]\.train_loss=.* is invalid; allowed: a number"):
+        checkpoint.save(tmp_path, EXPERIMENT, state, [{"step": 1, "train_loss": np.float64(0.5)}])
+    assert not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_hook_state_keyed_by_bucket_index_round_trips_and_must_match_the_hook():
+    state, _ = compressors.ddp_comm_hook("topk", ratio=0.5)  # no model=: buckets keyed by index
+    shapes = ((4, 3), (3,))
+    state.buckets[0] = {"shapes": shapes, "params": None,
+                        "state": state.aggregator.init({"0": shapes[0], "1": shapes[1]}, workers=1, seed=0)}
+    saved = state.state_dict()
+    fresh, _ = compressors.ddp_comm_hook("topk", ratio=0.5)
+    fresh.load_state_dict(saved)
+    assert list(fresh.buckets) == [0] and fresh.buckets[0]["shapes"] == shapes
+    named, _ = compressors.ddp_comm_hook("topk", ratio=0.5, model=torch.nn.Linear(3, 4))
+    with pytest.raises(ValueError, match=r"buckets\[0\]\.key=0 is invalid; allowed: a non-empty list of distinct "
+                                         r"parameter names \(the hook was built with model=\)"):
+        named.load_state_dict(saved)
+    other, _ = compressors.ddp_comm_hook("powersgd", rank=1)  # another aggregator: another state structure
+    with pytest.raises(ValueError, match=r"buckets\[0\]\.state"):
+        other.load_state_dict(saved)
