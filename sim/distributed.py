@@ -164,6 +164,8 @@ def run_distributed(experiment: Experiment | Sequence[Experiment], *, nproc: int
             raise ValueError(f"run_distributed: workers_per_process={k} is invalid for nproc={nproc} and "
                              f"Experiment.workers={e.workers}; allowed: nproc * workers_per_process == workers")
         ks.append(k)
+    if checkpoint_dir is not None:  # writable and this configuration's, before any process starts
+        checkpoint.claim(checkpoint_dir, experiments[0])
     if resume_from is not None:  # refuse unusable checkpoints here, before any process starts
         common_checkpoint_step(resume_from, experiments[0], nproc, ks[0])
     results = spawn(run_on_rank, nproc, (experiments, ks, collective_timeout, checkpointing), backend=backend,

@@ -114,7 +114,8 @@ class Simulation:
         params, opt_state = self.optimizer.step(state.params, update, state.optimizer, metrics["lr"])
         # A finite update can still overflow the parameters or momentum (lr * update beyond the dtype's range).
         # Parameters and momentum are identical on every process (the update is), so all decide alike unvoted.
-        bad = _nonfinite(params) + [f"momentum {n}" for n in (_nonfinite(opt_state.momentum) if e.momentum else [])]
+        bad = _nonfinite_any(params) + [f"momentum {n}" for n in (_nonfinite_any(opt_state.momentum)
+                                                                    if e.momentum else [])]
         if bad:
             return self._skip(state, metrics, f"non-finite parameter after the optimizer step in {bad} (an overflow "
                                               f"of lr={metrics['lr']:g} times the update)")
@@ -208,6 +209,15 @@ def _nonfinite(tensors: Tensors, probes: Tensors | None = None) -> list[str]:
         if not math.isfinite(float(probe)) and not bool(torch.isfinite(t).all()):
             bad.append(name)
     return bad
+
+
+def _nonfinite_any(tensors: Tensors) -> list[str]:
+    """``_nonfinite`` with one device synchronisation in the common all-finite case: the sum of every tensor's
+    sum is finite only if every element is (a non-finite sum falls back to the per-tensor test)."""
+    if not tensors:
+        return []
+    total = torch.stack([t.sum().to(torch.float64) for t in tensors.values()]).sum()
+    return [] if math.isfinite(float(total)) else _nonfinite(tensors)
 
 
 def _all_finite(t: torch.Tensor) -> bool:

@@ -106,3 +106,19 @@ def test_an_unreadable_history_counts_as_incomplete(tmp_path):
     (folder / HISTORY).write_bytes(b"")
     assert load_results(tmp_path).empty
     assert not ResultsStore(tmp_path).is_complete(base)
+
+
+def test_the_one_sync_parameter_check_equals_the_elementwise_test():
+    from sim.runner import _nonfinite_any
+
+    big = torch.full((4,), 3e38)  # finite elements whose float32 sum overflows: must not be reported
+    cases = [
+        ({"a": torch.ones(3), "b": torch.zeros(2, 2)}, []),
+        ({"a": torch.ones(3), "b": torch.tensor([1.0, float("nan")])}, ["b"]),
+        ({"a": big, "b": torch.tensor([float("-inf")]), "c": torch.ones(1)}, ["b"]),
+        ({"a": big, "b": -big}, []),
+        ({}, []),
+    ]
+    for tensors, expected in cases:
+        assert _nonfinite_any(tensors) == expected
+        assert expected == [n for n, t in tensors.items() if not bool(torch.isfinite(t).all())]

@@ -457,3 +457,9 @@ def test_hook_state_keyed_by_bucket_index_round_trips_and_must_match_the_hook():
     other, _ = compressors.ddp_comm_hook("powersgd", rank=1)  # another aggregator: another state structure
     with pytest.raises(ValueError, match=r"buckets\[0\]\.state"):
         other.load_state_dict(saved)
+
+
+def test_run_distributed_refuses_another_configurations_directory_before_spawning(copy):
+    other = DISTRIBUTED.replace(lr=0.3)
+    with pytest.raises(ValueError, match=r"checkpoint_dir=.* belongs to another one; differing fields: lr"):
+        sim.run_distributed(other, nproc=2, checkpoint_dir=copy, checkpoint_every=2, timeout=60)
