@@ -3,7 +3,16 @@
 One line per configuration (the ``run`` column), the mean over seeds, and a shaded band over seeds (min to
 max, or mean +- one standard deviation). Seeds are aligned on ``step``; the x value at a step is the mean over
 seeds (bits and simulated time are the same for every seed of a deterministic compressor). Rows where the
+<<<<<<< HEAD
+metric is missing (e.g. test accuracy between evaluations) are dropped. A configuration that sends at least the
+dense bits carries " (dense)" in its ``run`` label (``sim.store.label``), so its legend entry says so.
+``compression_error`` is ||update - mean_i g_i|| / ||mean_i g_i||: the applied update (error-feedback memory
+included) against the exact mean of this step's gradients. matplotlib runs headless (Agg).
+=======
 metric is missing (e.g. test accuracy between evaluations) are dropped. matplotlib runs headless (Agg).
+
+``plot_differences`` draws ``sim.compare``'s table: mean differences to the baseline with their paired intervals.
+>>>>>>> main
 """
 from __future__ import annotations
 
@@ -22,7 +31,7 @@ X_AXES = {
 }
 BANDS = ("minmax", "std", "none")
 LABELS = {"test_accuracy": "test accuracy", "test_perplexity": "test perplexity", "train_loss": "training loss",
-          "test_loss": "test loss", "compression_error": "relative compression error", "memory_norm": "memory norm"}
+          "test_loss": "test loss", "compression_error": "relative error of the update vs the exact mean", "memory_norm": "memory norm"}
 
 
 def _pyplot():
@@ -101,3 +110,33 @@ def save_png(fig, path: str | Path, dpi: int = 110) -> Path:
     path = Path(path)
     write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
     return path
+
+
+def plot_differences(comparison: pd.DataFrame, ax=None, by: str = "label", title: str | None = None):
+    """``sim.compare``'s table as a forest plot: each configuration's mean difference to the baseline with its
+    [ci_low, ci_high] interval as a horizontal error bar, and a vertical line at 0 (an interval that crosses
+    it is "not distinguishable"). Rows with a NaN interval (n < 2) show their mean only. Returns the axes."""
+    if by == "label" and by not in comparison and "run" in comparison:
+        by = "run"  # sim.compare names the column after the table's configuration column
+    for column in (by, "mean_diff", "ci_low", "ci_high"):
+        if column not in comparison:
+            raise ValueError(f"plot_differences: column {column!r} is missing; allowed: a table from sim.compare "
+                             f"(columns {', '.join(map(str, comparison.columns))})")
+    plt = _pyplot()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 1.2 + 0.45 * max(len(comparison), 1)))
+    rows = range(len(comparison))[::-1]  # first configuration on top
+    mean = comparison["mean_diff"].to_numpy(float)
+    errors = [mean - comparison["ci_low"].to_numpy(float), comparison["ci_high"].to_numpy(float) - mean]
+    ax.errorbar(mean, list(rows), xerr=errors, fmt="o", capsize=3)
+    ax.axvline(0.0, color="grey", lw=1, ls="--")
+    ax.set_yticks(list(rows), [str(v) for v in comparison[by]])
+    attrs = comparison.attrs
+    what = LABELS.get(attrs.get("metric"), attrs.get("metric") or "metric")
+    if attrs.get("target") is not None:
+        what = f"{attrs.get('x')} to reach {what} {attrs['target']}"
+    confidence = attrs.get("confidence", 0.95)
+    ax.set_xlabel(f"difference to {attrs.get('baseline', 'baseline')!s} ({what}; {confidence:.0%} paired CI)")
+    ax.set_title(title if title is not None else "paired differences over seeds")
+    ax.grid(alpha=0.3, axis="x")
+    return ax

@@ -83,7 +83,8 @@ def test_only_shared_seeds_are_paired_and_one_pair_is_not_distinguishable():
     result = sim.compare(table, baseline="exact").set_index("label")
     assert result.loc["a", "n"] == 2 and result.loc["a", "mean_diff"] == pytest.approx(0.275)
     assert result.loc["a", "mean"] == pytest.approx(0.925) and result.loc["a", "baseline_mean"] == pytest.approx(0.65)
-    assert result.loc["b", "n"] == 1 and math.isnan(result.loc["b", "ci_low"]) and math.isnan(result.loc["b", "ci_high"])
+    assert result.loc["b", "n"] == 1
+    assert math.isnan(result.loc["b", "ci_low"]) and math.isnan(result.loc["b", "ci_high"])
     assert result.loc["b", "verdict"] == "not distinguishable" and result.loc["b", "mean_diff"] == pytest.approx(0.1)
 
 
@@ -151,6 +152,10 @@ def test_errors_name_the_field_and_allowed_values():
         sim.compare(table, baseline="exact", confidence=95)
     with pytest.raises(ValueError, match="x='sim_time' is invalid"):
         sim.compare(table, baseline="exact", target=0.5, x="sim_time")
+    with pytest.raises(ValueError, match="by='options' is invalid; allowed: a column of hashable values"):
+        sim.compare(table.assign(options=[{"rank": 1}] * len(table)), baseline="exact", by="options")
+    with pytest.raises(ValueError, match="by='rank' is invalid; allowed: a column without missing values"):
+        sim.compare(table.assign(rank=[1.0, None] * (len(table) // 2)), baseline=1.0, by="rank")
     doubled = pd.concat([table, table])
     with pytest.raises(ValueError, match="configuration 'exact' has two runs with seed 0"):
         sim.compare(doubled, baseline="exact")
