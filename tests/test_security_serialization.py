@@ -213,3 +213,17 @@ def test_digest_sees_every_bit_and_every_container_kind():
     ]
     digests = {digest(v) for v in variants}
     assert reference not in digests and len(digests) == len(variants)
+
+
+def test_the_package_api_state_is_registered_and_round_trips():
+    model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.Linear(32, 5))
+    powersgd = compressors.PowerSGD(list(model.parameters()),
+                                    config=compressors.Config(rank=1, start_compressing_after_num_steps=1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        model(torch.randn(8, 20, generator=generator)).square().mean().backward()
+        compressors.optimizer_step(optimizer, powersgd)
+    assert any(isinstance(r, compressors.PowerSGDState) for r in _records(powersgd.state))
+    assert all(type(r) in set(registered_records().values()) for r in _records(powersgd.state))
+    _assert_equal(_roundtrip(powersgd.state), powersgd.state)
