@@ -35,9 +35,12 @@ LABELS = {"test_accuracy": "test accuracy", "test_perplexity": "test perplexity"
 
 
 def _pyplot():
+    import sys
+
     import matplotlib
 
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules:  # headless by default; never switch a backend the caller chose
+        matplotlib.use("Agg")                     # (a notebook's inline backend would stop showing figures)
     import matplotlib.pyplot as plt
 
     return plt
