@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from compressors.options import check_known_options, invalid
-from .experiment import Experiment
+from .experiment import NESTED_FIELDS, Experiment
 
 try:
     import tomllib  # Python >= 3.11
@@ -80,7 +80,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "") -> Config:
     """Validate keys, split off ``sweep``, build the Experiment (which validates every value)."""
     fields = [f.name for f in dataclasses.fields(Experiment)]
     check_known_options("config", data, fields + ["sweep"])
-    for table in ("compressor", "task_options"):
+    for table in NESTED_FIELDS:
         if table in data and not isinstance(data[table], Mapping):
             raise invalid("config", table, data[table], "a table (TOML [section] or JSON object)")
     values = dict(data)
@@ -118,19 +118,20 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """{"compressor.rank": 4} sets data["compressor"]["rank"]; only compressor./task_options. nest."""
+    """{"compressor.rank": 4} sets data["compressor"]["rank"]; only compressor., task_options. and
+    optimizer_options. nest."""
     out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
         if not rest:
             out[head] = value
-        elif head in ("compressor", "task_options"):
+        elif head in NESTED_FIELDS:
             nested = out.setdefault(head, {} if head == "task_options" else {"name": "identity"})
             if not isinstance(nested, dict):
                 raise invalid("config", head, nested, "a table (TOML [section] or JSON object)")
             nested[rest] = value
         else:
-            raise invalid("config", key, value, "dotted keys only under 'compressor.' and 'task_options.'")
+            raise invalid("config", key, value, "dotted keys only under " + ", ".join(f"'{n}.'" for n in NESTED_FIELDS))
     return out
 
 

@@ -23,7 +23,7 @@ from .collective import VirtualCollective
 from .engine import evaluate, make_engine
 from .experiment import Experiment
 from .models import build
-from .optim import SGD, SGDState, learning_rate
+from .optim import AdamState, SGDState, learning_rate
 from .result import Result
 from .sharding import BatchSampler, make_shards
 from .tasks import Task, load_task
@@ -35,7 +35,7 @@ class TrainState(NamedTuple):
     step: int  # steps completed
     params: Tensors  # (*shape), one copy shared by all workers
     buffers: Tensors  # (k, *shape), per worker
-    optimizer: SGDState
+    optimizer: SGDState | AdamState  # the state of Experiment.optimizer
     aggregator: Any  # the compressor's nested state
     bits: int  # cumulative payload bits sent per worker
     skipped_steps: int  # steps dropped by nonfinite="skip_step"
@@ -63,7 +63,7 @@ class Simulation:
         self.model = build(self.task.model, generator, dtype=e.torch_dtype)
         self.engine = make_engine(e.engine, self.model, self.task.loss)
         self.aggregator = e.make_compressor()
-        self.optimizer = SGD(e.momentum, e.nesterov, e.weight_decay)
+        self.optimizer = e.make_optimizer()
         shards = make_shards(self.task.labels if self.task.labels is not None else torch.zeros(len(self.task.train_x)),
                              e.workers, e.sharding, e.label_skew_alpha, e.seed)
         self.sampler = BatchSampler(shards, e.batch_size, e.seed)

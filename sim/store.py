@@ -29,7 +29,7 @@ from typing import Any
 
 import pandas as pd
 
-from .experiment import Experiment
+from .experiment import NESTED_FIELDS, Experiment
 from .io import write_atomically, write_text_atomically
 
 FORMAT = 1
@@ -61,7 +61,7 @@ def flatten(config: Mapping[str, Any]) -> dict[str, Any]:
     """{"compressor": {"rank": 2}} -> {"compressor.rank": 2} (one level, as Experiment.with_overrides keys)."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
-        if key in ("compressor", "task_options") and isinstance(value, Mapping):
+        if key in NESTED_FIELDS and isinstance(value, Mapping):
             flat.update({f"{key}.{k}": v for k, v in value.items()})
         else:
             flat[key] = value
