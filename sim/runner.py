@@ -59,8 +59,7 @@ class Simulation:
         if e.workers > len(self.task.train_x):  # every worker needs at least one sample of its own
             raise ValueError(f"Experiment: workers={e.workers!r} is invalid for task {e.task!r}; allowed: at most "
                              f"its {len(self.task.train_x)} training samples")
-        generator = torch.Generator().manual_seed(e.seed)
-        self.model = build(self.task.model, generator, dtype=e.torch_dtype)
+        self.model = build(self.task.model, e.seed, dtype=e.torch_dtype)
         self.engine = make_engine(e.engine, self.model, self.task.loss)
         self.aggregator = e.make_compressor()
         self.optimizer = e.make_optimizer()

@@ -108,7 +108,7 @@ class TorchLSTMLanguageModel(nn.Module):
 
 @pytest.mark.parametrize("seed", [0, 3])
 def test_unrolled_lstm_model_equals_the_nn_lstm_model(seed):
-    """Same generator -> bit-identical parameters as the nn.LSTM model (init_parameters gives the unrolled
+    """Same seed -> bit-identical parameters as the nn.LSTM model (reset_parameters gives the unrolled
     LSTM nn.LSTM's U(-1/sqrt h, 1/sqrt h) in nn.LSTM's order), and the same logits."""
     ours = build(lambda: lstm_wikitext2(vocab_size=40, hidden=12, layers=3), torch.Generator().manual_seed(seed),
                  dtype=torch.float64)

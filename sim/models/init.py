@@ -1,56 +1,33 @@
-"""Deterministic parameter initialisation from an explicit generator (never the global RNG).
+"""Building a model with its own initialisation, deterministically, without touching the global RNG.
 
-Modules are built on the meta device (no RNG consumed), materialised with ``to_empty`` and initialised here
-with PyTorch's default schemes, driven by the caller's ``torch.Generator``.
+A module initialises itself in ``__init__`` / ``reset_parameters`` from torch's global generator: free
+``nn.Parameter(torch.randn(...))``, ``nn.MultiheadAttention.in_proj_weight`` and any custom scheme included.
+``build`` runs the factory inside ``torch.random.fork_rng`` after seeding the forked generator, so the
+parameters are exactly what the module's own code gives for that seed, the same seed gives the same
+parameters, and the caller's global RNG state is restored afterwards (no trace left).
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .lstm import UnrolledLSTM
 
-
-def build(factory: Callable[[], nn.Module], generator: torch.Generator, device="cpu",
+def build(factory: Callable[[], nn.Module], seed: int | torch.Generator = 0, device="cpu",
           dtype: torch.dtype = torch.float32) -> nn.Module:
-    with torch.device("meta"):
+    """``factory()`` under torch's global generator seeded with ``seed``, then cast to ``dtype``/``device``.
+
+    ``seed`` may be a ``torch.Generator``: its ``initial_seed()`` is used (it is not advanced). Casting
+    after construction keeps the values a float32 build draws (a float64 model is the float32 one, widened).
+    """
+    if isinstance(seed, torch.Generator):
+        seed = seed.initial_seed()
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"build: seed={seed!r} is invalid; allowed: an integer >= 0 or a torch.Generator")
+    with torch.random.fork_rng(devices=[]):  # CPU generator only; restored on exit
+        torch.manual_seed(seed)
         module = factory()
-    module = module.to_empty(device=device).to(dtype)
-    init_parameters(module, generator)
-    return module
-
-
-def _uniform_(tensor: torch.Tensor, bound: float, generator: torch.Generator) -> None:
-    with torch.no_grad():
-        tensor.copy_((torch.rand(tensor.shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound)
-
-
-def init_parameters(module: nn.Module, generator: torch.Generator) -> None:
-    """PyTorch's defaults: kaiming-uniform(a=sqrt 5) weights and fan-in uniform biases for Linear/Conv,
-    ones/zeros for norms, N(0, 1) embeddings, U(-1/sqrt h, 1/sqrt h) for recurrent layers."""
-    with torch.no_grad():  # to_empty leaves garbage: a parameter no rule below covers (a tied decoder's bias) is 0
-        for p in module.parameters():
-            p.zero_()
-    for sub in module.modules():
-        if isinstance(sub, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            fan_in = sub.weight[0].numel()
-            # kaiming_uniform_(a=sqrt(5)) gives bound = gain * sqrt(3 / fan_in), gain = sqrt(2 / (1 + 5)).
-            _uniform_(sub.weight, math.sqrt(1.0 / 3.0) * math.sqrt(3.0 / fan_in), generator)
-            if sub.bias is not None:
-                _uniform_(sub.bias, 1.0 / math.sqrt(fan_in), generator)
-        elif isinstance(sub, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
-            if getattr(sub, "weight", None) is not None:
-                nn.init.ones_(sub.weight)
-                nn.init.zeros_(sub.bias)
-            if getattr(sub, "running_mean", None) is not None:
-                sub.reset_running_stats()
-        elif isinstance(sub, nn.Embedding):
-            with torch.no_grad():
-                sub.weight.copy_(torch.randn(sub.weight.shape, generator=generator, dtype=torch.float64))
-        elif isinstance(sub, (nn.LSTM, nn.GRU, nn.RNN, UnrolledLSTM)):  # UnrolledLSTM: nn.LSTM's names/order
-            bound = 1.0 / math.sqrt(sub.hidden_size)
-            for p in sub.parameters(recurse=False):
-                _uniform_(p, bound, generator)
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"build: the model factory returned {type(module).__name__}; allowed: an nn.Module")
+    return module.to(device=device, dtype=dtype)

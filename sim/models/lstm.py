@@ -4,7 +4,7 @@
 engine it loops over workers in float32 and fails in float64. ``UnrolledLSTM`` computes the same function
 with the same parameters (names, shapes and registration order of ``nn.LSTM(..., batch_first=True)``:
 ``weight_ih_l{k}`` (4h, in), ``weight_hh_l{k}`` (4h, h), ``bias_ih_l{k}`` (4h), ``bias_hh_l{k}`` (4h)), so
-its state dict loads into ``nn.LSTM`` and back, and ``sim.models.init_parameters`` gives it the LSTM's
+its state dict loads into ``nn.LSTM`` and back, and its ``reset_parameters`` gives it the LSTM's
 U(-1/sqrt h, 1/sqrt h) in the same generator order as ``nn.LSTM``.
 
 Gates (Hochreiter & Schmidhuber 1997, with the forget gate of Gers et al. 2000), PyTorch's gate order:
@@ -14,6 +14,8 @@ Dropout (probability ``dropout``, training mode only) applies to each layer's ou
 ``nn.LSTM``.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +43,18 @@ class UnrolledLSTM(nn.Module):
         self.input_size, self.hidden_size, self.num_layers, self.dropout = input_size, hidden_size, num_layers, dropout
         for k in range(num_layers):
             inputs = input_size if k == 0 else hidden_size
-            # registration order = nn.LSTM's, so init_parameters draws from the generator in the same order
+            # registration order = nn.LSTM's, so reset_parameters draws from the generator in the same order
             self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(4 * hidden_size, inputs)))
             self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(4 * hidden_size, hidden_size)))
             self.register_parameter(f"bias_ih_l{k}", nn.Parameter(torch.empty(4 * hidden_size)))
             self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.empty(4 * hidden_size)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.LSTM's scheme: every weight and bias U(-1/sqrt(h), 1/sqrt(h)), in registration order."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
 
     def forward(self, x: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None):
         """x (B, T, in); hx = (h_0, c_0), each (layers, B, h), zeros if None -> (out (B, T, h), (h_n, c_n))."""

@@ -8,8 +8,8 @@
   hidden units, decoder tied to the embedding (weight shared, own bias). With the paper's vocabulary of
   28,869 tokens it has 28,949,319 parameters (the paper's Table 1 count).
 
-Both build on any device (including ``meta``) and are initialised by ``sim.models.build`` from an explicit
-generator, never the global RNG.
+Both build on any device (including ``meta``) and initialise themselves as torch's modules do;
+``sim.models.build`` runs them under a seeded fork of the global RNG, which it restores afterwards.
 """
 from __future__ import annotations
 

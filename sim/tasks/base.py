@@ -15,7 +15,7 @@ class Task:
     train_y: torch.Tensor  # (N,) class labels or (N, outputs) targets
     test_x: torch.Tensor
     test_y: torch.Tensor
-    model: Callable[[], nn.Module]  # builds the (uninitialised) model; sim.models.build initialises it
+    model: Callable[[], nn.Module]  # builds the model with its own initialisation; sim.models.build calls it under a seeded RNG
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (outputs, targets) -> scalar mean loss
     classification: bool = True
     zero_init: bool = False  # start from all-zero parameters (synthetic-lowrank: controlled gradient spectrum)
