@@ -31,7 +31,15 @@ class VmapEngine:
         """x: (k, B, ...), y: (k, B, ...) -> grads {name: (k, *shape)}, losses (k,), new buffers (k, ...)."""
         self.model.train()
         buffers = {name: b.clone() for name, b in buffers.items()}  # updated in place by BatchNorm below
-        grads, losses = self._grads(params, buffers, x, y)
+        try:
+            grads, losses = self._grads(params, buffers, x, y)
+        except RuntimeError as error:
+            if "vmap" not in str(error) and "batching rule" not in str(error).lower():
+                raise
+            raise ValueError(f"Experiment: engine='vmap' is invalid for this model; allowed: 'loop' (torch.func.vmap "
+                             f"cannot batch it over workers: {str(error).split('. ')[0]}). Use "
+                             "Experiment(engine='loop'): one autograd call per worker, the same gradients, slower"
+                             ) from error
         return grads, losses, buffers
 
 

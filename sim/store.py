@@ -168,8 +168,10 @@ def read_record(folder: Path) -> dict[str, Any] | None:
 
 # -- sweeping into a directory -------------------------------------------------------------------------------
 def sweep_to_dir(base: Experiment, root: str | Path, grid: Mapping[str, Sequence[Any]] | None = None,
-                 seeds: Sequence[int] | None = None, progress: bool = True, log=None) -> pd.DataFrame:
+                 seeds: Sequence[int] | None = None, progress: bool | str = True, log=None) -> pd.DataFrame:
     """Every grid point x seed of ``base``, each stored as it finishes; complete runs are skipped.
+
+    ``progress``: True for bars, "lines" for one ``log`` line per finished run, False for neither.
 
     All experiments are built (and so validated) before the first run. Returns ``load_results`` of exactly
     this sweep's runs, in sweep order.
@@ -180,20 +182,25 @@ def sweep_to_dir(base: Experiment, root: str | Path, grid: Mapping[str, Sequence
     from .sweep import grid_points
 
     seeds = list(seeds) if seeds else [base.seed]
-    jobs = [({**point, "seed": seed}, base.with_overrides({**point, "seed": seed}))
+    # a grid over "seed" itself keeps its values (then seeds is just the base's)
+    jobs = [({"seed": seed, **point}, base.with_overrides({"seed": seed, **point}))
             for point in grid_points(grid or {}) for seed in seeds]
     store = ResultsStore(root)
     done = [store.is_complete(experiment) for _, experiment in jobs]
     if log is not None and any(done):
         log(f"{sum(done)} of {len(jobs)} runs already complete in {store.runs}: skipping them")
-    bar = tqdm(total=len(jobs), initial=sum(done), disable=not progress, desc="runs", position=0)
+    bars = progress is True  # "lines": one line per finished run (a log file or a pipe), no bars
+    bar = tqdm(total=len(jobs), initial=sum(done), disable=not bars, desc="runs", position=0)
     for index, ((overrides, experiment), complete) in enumerate(zip(jobs, done)):
         if complete:
             continue
         bar.set_postfix_str(label(overrides, experiment), refresh=True)
-        result = run(experiment, progress=progress)
+        result = run(experiment, progress=bars)
         store.write(experiment, result, overrides, index)
         bar.update(1)
+        if progress == "lines" and log is not None:
+            log(f"run {index + 1}/{len(jobs)} done: {label(overrides, experiment)}, seed {experiment.seed}, "
+                f"{result.wall_seconds:.1f} s")
     bar.close()
     return load_results(root, run_ids=[run_id(e) for _, e in jobs])
 
