@@ -67,6 +67,7 @@ class Simulation:
                              e.workers, e.sharding, e.label_skew_alpha, e.seed)
         self.sampler = BatchSampler(shards, e.batch_size, e.seed)
         self.shapes = {name: tuple(p.shape) for name, p in self.model.named_parameters()}
+        self.last_metrics: dict[str, float] = {}  # the latest step's metrics, for on_step callbacks (see run)
         self.network = None
         if e.network is not None:
             from .cost import resolve_network
@@ -232,7 +233,9 @@ def _should_eval(experiment: Experiment, step: int) -> bool:
 def run(experiment: Experiment, *, comm=None, local_workers: range | None = None, progress: bool = False,
         simulation: Simulation | None = None, state: TrainState | None = None,
         on_step=None, checkpoint_dir=None, checkpoint_every: int | None = None, resume_from=None) -> Result:
-    """Run an experiment; returns its Result. ``on_step(simulation, state)`` is called after every step;
+    """Run an experiment; returns its Result. ``on_step(simulation, state)`` is called after every step, with
+    that step's metrics in ``simulation.last_metrics`` (a dict: step, lr, train_loss, bits, ...; test_loss and
+    test_accuracy on evaluated steps; e.g. ``sim.logging_tb.TensorBoardLogger``);
     ``state`` continues from a TrainState. ``checkpoint_dir``/``checkpoint_every``: write a checkpoint every
     that many steps and at the end; ``resume_from``: a checkpoint directory (its latest) or file to continue
     from, history included, bitwise as if never interrupted (``sim.checkpoint``)."""
@@ -259,6 +262,7 @@ def run(experiment: Experiment, *, comm=None, local_workers: range | None = None
         if logged:
             rows.append(metrics)
         if on_step is not None:
+            sim.last_metrics = metrics  # what the callback may read: this step's metrics (test_* when evaluated)
             on_step(sim, state)
         if checkpoint_dir is not None and (state.step % checkpoint_every == 0 or state.step == experiment.steps):
             checkpoint.save(checkpoint_dir, experiment, state, rows, ledger=sim.comm.ledger,
