@@ -29,9 +29,10 @@ PROG = "python -m sim.launch"
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = Parser(prog=PROG, description=__doc__.split("\n")[0])
+    parser = Parser(prog=PROG, description="Run an Experiment on real processes, under torchrun or on its own "
+                                           "(docs/cli.md).")
     parser.add_argument("--experiment", default="{}",
-                        help="a .toml/.json config, e.g. --experiment configs/powersgd_rank_sweep.toml, or Experiment "
+                        help="a .toml/.json config of one experiment, e.g. --experiment exp.toml, or Experiment "
                              "fields as JSON, e.g. --experiment '{\"workers\": 4, \"steps\": 50}'")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field, e.g. --set steps=100 --set compressor.rank=4 (repeatable)")
