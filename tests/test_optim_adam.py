@@ -2,6 +2,7 @@
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given, strategies as st
 
 import sim
 from sim.config import load_config
@@ -50,6 +51,26 @@ def test_matches_torch_optim_fed_the_same_updates(name, options):
         torch.testing.assert_close(state.exp_avg[n], moments["exp_avg"], rtol=1e-12, atol=1e-15)
         torch.testing.assert_close(state.exp_avg_sq[n], moments["exp_avg_sq"], rtol=1e-12, atol=1e-15)
         assert not torch.equal(params[n], start[n])
+
+
+@given(beta1=st.floats(0.0, 0.999), beta2=st.floats(0.0, 0.9999), eps=st.floats(1e-12, 1e-2),
+       weight_decay=st.floats(0.0, 0.5), lr=st.floats(1e-5, 1.0), amsgrad=st.booleans(), decoupled=st.booleans(),
+       seed=st.integers(0, 2**31))
+def test_matches_torch_for_any_hyperparameters(beta1, beta2, eps, weight_decay, lr, amsgrad, decoupled, seed):
+    g = torch.Generator().manual_seed(seed)
+    start = {"w": torch.randn(4, 3, generator=g, dtype=torch.float64)}
+    ours = Adam((beta1, beta2), eps, weight_decay, decoupled=decoupled, amsgrad=amsgrad)
+    params, state = dict(start), ours.init(start)
+    p = torch.nn.Parameter(start["w"].clone())
+    kind = torch.optim.AdamW if decoupled else torch.optim.Adam
+    oracle = kind([p], lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                  foreach=False)
+    for _ in range(5):
+        update = {"w": torch.randn(4, 3, generator=g, dtype=torch.float64)}
+        params, state = ours.step(params, update, state, lr)
+        p.grad = update["w"].clone()
+        oracle.step()
+    torch.testing.assert_close(params["w"], p.detach(), rtol=1e-12, atol=1e-12)
 
 
 def test_adam_and_adamw_differ_only_through_weight_decay():
