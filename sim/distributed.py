@@ -163,17 +163,34 @@ def run_distributed(experiment: Experiment | Sequence[Experiment], *, nproc: int
             raise ValueError(f"run_distributed: workers_per_process={k} is invalid for nproc={nproc} and "
                              f"Experiment.workers={e.workers}; allowed: nproc * workers_per_process == workers")
         ks.append(k)
-    results = spawn(run_on_rank, nproc, (experiments, ks, collective_timeout, checkpointing), backend=backend,
-                    timeout=timeout, collective_timeout=collective_timeout, threads=threads)
+    results = spawn(run_on_rank, nproc, (experiments, ks, collective_timeout, checkpointing, registering_modules()),
+                    backend=backend, timeout=timeout, collective_timeout=collective_timeout, threads=threads)
     return results[0][0] if isinstance(experiment, Experiment) else results[0]
 
 
+def registering_modules() -> list[str]:
+    """Modules (other than this package's and a script's ``__main__``) that registered a task or a compressor:
+    a spawned process starts fresh, so it imports them again to know those names."""
+    import compressors
+    from .tasks import TASK_REGISTRY
+
+    found = [getattr(f, "__module__", None) for f in [*TASK_REGISTRY.values(), *compressors.REGISTRY.values()]]
+    return sorted({m for m in found if m and m.split(".")[0] not in ("sim", "compressors", "__main__", "__mp_main__")})
+
+
 def run_on_rank(rank: int, world: int, experiments: list[Experiment], ks: list[int],
-                collective_timeout: float = 60.0, checkpointing: dict | None = None) -> list[Result] | None:
+                collective_timeout: float = 60.0, checkpointing: dict | None = None,
+                imports: Sequence[str] = ()) -> list[Result] | None:
     """What each process runs (also ``python -m sim.launch`` under torchrun): returns rank 0's Results.
-    ``checkpointing``: ``sim.run``'s checkpoint arguments (``resume_from`` a directory, see ``run_distributed``)."""
+    ``checkpointing``: ``sim.run``'s checkpoint arguments (``resume_from`` a directory, see ``run_distributed``);
+    ``imports``: modules that register the experiments' tasks or compressors (``registering_modules``)."""
+    import importlib
+
     from .distributed_collective import DistributedCollective
     from .runner import run
+
+    for module in imports:
+        importlib.import_module(module)
 
     out = []
     for e, k in zip(experiments, ks):

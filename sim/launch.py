@@ -32,7 +32,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = Parser(prog=PROG, description="Run an Experiment on real processes, under torchrun or on its own "
                                            "(docs/cli.md).")
     parser.add_argument("--experiment", default="{}",
-                        help="a .toml/.json config of one experiment, e.g. --experiment exp.toml, or Experiment "
+                        help="a .toml/.json config (its base experiment, as python -m sim run), e.g. --experiment exp.toml, or "
+                             "Experiment "
                              "fields as JSON, e.g. --experiment '{\"workers\": 4, \"steps\": 50}'")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field, e.g. --set steps=100 --set compressor.rank=4 (repeatable)")
@@ -59,8 +60,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_experiment(text: str, overrides: dict | None = None):
-    """The Experiment of a .toml/.json config file or of inline JSON, through ``sim.config`` (one experiment: a
-    config with a sweep table is refused, naming ``python -m sim sweep``)."""
+    """The Experiment of a .toml/.json config file or of inline JSON, through ``sim.config``: as ``python -m sim
+    run``, the config's base experiment (its ``[sweep]`` table is validated, and used by ``python -m sim sweep``)."""
     from .config import apply_overrides, from_mapping, load_config
 
     if text.endswith((".toml", ".json")) or os.path.exists(text):
@@ -75,10 +76,7 @@ def load_experiment(text: str, overrides: dict | None = None):
             raise ValueError(f"sim.launch: experiment={text!r} is invalid; allowed: a .toml/.json config or a JSON "
                              "object of Experiment fields")
         config = from_mapping(apply_overrides(fields, overrides or {}), source="--experiment", allow_imports=True)
-    if config.grid or config.seeds:
-        raise ValueError("sim.launch: experiment has a [sweep] table; allowed: one experiment (run a sweep with "
-                         "python -m sim sweep, or drop the table)")
-    return config.experiment
+    return config.experiment  # as `python -m sim run`: the base experiment (a [sweep] table is for `sweep`)
 
 
 def checkpointing(args: argparse.Namespace) -> dict:

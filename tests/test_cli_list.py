@@ -198,8 +198,10 @@ def test_launch_reads_configs_through_the_same_loader(tmp_path, capsys):
     assert launch(["--experiment", str(config_file(tmp_path, "wokers = 3\n" + TINY, "typo.toml"))]) == 2
     err = one_line_error(capsys)
     assert "wokers" in err and "did you mean 'workers'" in err
-    assert launch(["--experiment", str(config_file(tmp_path, TINY + "[sweep]\nseeds = [0, 1]\n", "sw.toml"))]) == 2
-    assert "python -m sim sweep" in one_line_error(capsys)
+    swept = config_file(tmp_path, TINY + "[sweep]\nseeds = [0, 1]\n", "sw.toml")  # as `run`: the base experiment
+    assert load_experiment(str(swept)) == load_config(swept).experiment
+    assert launch(["--experiment", str(config_file(tmp_path, TINY + "[sweep]\nseeds = [0, 0]\n", "bad.toml"))]) == 2
+    assert "repeated" in one_line_error(capsys)
     assert launch(["--experiment", "{not json"]) == 2
     assert "experiment=" in one_line_error(capsys)
     with pytest.raises(SystemExit):

@@ -146,3 +146,19 @@ def test_a_slow_vmap_fallback_is_reported_once_in_our_words():
     ours = [m for m in messages if "no batching rule" in m]
     assert len(ours) == 1 and "engine='vmap'" in ours[0] and "aten::" in ours[0]
     assert not any("performance drop" in m for m in messages)  # torch's own, per step, is replaced
+
+
+@pytest.mark.distributed
+def test_real_processes_know_a_task_registered_by_a_module():
+    """Spawned processes start fresh: run_distributed has them import the module that registered the task."""
+    from sim.distributed import registering_modules
+
+    assert __name__ in registering_modules()
+    e = sim.Experiment(task="test-free-attention", workers=2, steps=3, batch_size=4, eval_every=0,
+                       dtype="float64", optimizer="adam", lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        real = sim.run_distributed(e, nproc=2, timeout=300)
+        virtual = sim.run(e)
+    for name, p in virtual.params.items():
+        torch.testing.assert_close(real.params[name], p, rtol=1e-9, atol=1e-12)
