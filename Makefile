@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup data demo test test-all bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,17 +16,21 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-demo: $(STAMP)
+# Fashion-MNIST for the fashion-mnist-* tasks: Debian's dataset-fashion-mnist where apt-get and root allow.
+data:
+	@bash scripts/ensure_fashion_mnist.sh
+
+demo: $(STAMP) data
 	$(PY) -m sim.demo
 
 # Every capability at small sizes; tests marked slow (bigger sizes) run with `make test-all`.
-test: $(STAMP)
+test: $(STAMP) data
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
-test-all: $(STAMP)
+test-all: $(STAMP) data
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
-bench: $(STAMP)
+bench: $(STAMP) data
 	$(PY) -m benchmarks.run_all
 
 clean:

@@ -6,7 +6,8 @@ Modes (same option name on every compressor, ``error_feedback=``):
 - ``"local"``: each worker keeps its own residual e_i <- x_i - C_i(x_i), with x_i = g_i + e_i and C_i the
   worker's own decompressed message (EF-SGD, Stich & Karimireddy 2019; PowerSGD paper, Algorithm 2).
 - ``"averaged"``: each worker keeps e_i <- x_i - mean_j C_j(x_j), the residual against the aggregated
-  update, as the PowerSGD paper's code and the ``powersgd`` package do.
+  update, as the PowerSGD paper's code does (and the ``powersgd`` package did before its July 2022 change;
+  since then the package keeps ``"local"`` residuals, as ``compressors.PowerSGD`` does).
 - ``"ef21"``: each worker keeps an estimate g_i and sends c_i = C(grad_i - g_i); g_i <- g_i + c_i and the
   update is g <- g + mean c_i, so g = mean_i g_i always (Richtarik, Sokolov, Fatkhullin 2021).
 - ``"local_scaled"``: ``"local"`` around C / (1 + omega) when C is unbiased with variance omega, and around C

@@ -1,4 +1,4 @@
-"""The original ``powersgd`` package's API (epfml/powersgd), running this project's kernels.
+"""The original ``powersgd`` package's API (epfml/powersgd), reproducing its README training loop exactly.
 
     powersgd = compressors.PowerSGD(list(model.parameters()), config=compressors.Config(
         rank=1, min_compression_rate=10, num_iters_per_step=2, start_compressing_after_num_steps=0))
@@ -7,13 +7,27 @@
         loss(model, batch).backward()
         compressors.optimizer_step(optimizer, powersgd)
 
-Semantics of the package: the alternating variant (one factor per iteration, warm start of both factors),
-a tensor is compressed iff dense / compressed size > min_compression_rate (decided on the matrix view
-shape[0] x prod(shape[1:]), where the package used the raw shape: identical for matrices), the first
-``start_compressing_after_num_steps`` steps are exact all-reduces, and each worker keeps the residual of its
-own gradient against the *averaged* approximation (``error_feedback="averaged"``; uncompressed tensors keep
-none). Unlike the package, the residual lives in this object's state, not in ``p.grad``: ``optimizer_step``
-leaves every ``p.grad`` zeroed, so a loop with or without ``zero_grad`` gives the same result.
+From the same model, data and optimizer this gives the package's trajectory (to rounding): the same initial
+factors (``Config.seed`` 0 is the package's generator seed), the same alternation (the first compressed step
+sends Q = R^T P^), each worker's own residual against its own message (the package since July 2022; before,
+the residual was against the averaged approximation), uncompressed tensors all-reduced exactly with no residual,
+and the first ``start_compressing_after_num_steps`` steps exact all-reduces. See ``package_kernel`` and
+docs/package_api.md.
+
+Deliberate deviations, each only where the package has a bug:
+
+- Selection: a tensor is compressed iff its size over its average compressed size
+  0.5 * num_iters_per_step * r * (n + m), with r = min(rank, n, m), exceeds ``min_compression_rate``,
+  computed on the matrix view n x m = shape[0] x prod(shape[1:]) that is actually compressed. The package
+  computes it on the raw shape (r = min(rank, *shape), sum of all dimensions): identical for matrices, but a
+  conv kernel or a vector can be selected differently. A 0-d parameter is a 1 x 1 matrix (the package fails).
+- A rank-1 factor is normalized per matrix (the package: by the norm of the whole same-shape batch).
+- Factors take the parameters' dtype (the package: torch's default dtype, failing when they differ).
+- A model with nothing worth compressing is all-reduced exactly (the package raises ``IndexError``).
+- A factor that comes out all zero keeps its previous value (the package's rank-1 factor stays zero for good).
+- The residual lives in this object's state, not in ``p.grad``: ``optimizer_step`` leaves every ``p.grad``
+  zeroed, so the README loop (no ``zero_grad``) and a loop with ``zero_grad`` give the package's README result
+  (with ``zero_grad`` the package itself would drop its residual).
 
 Without an initialized process group the world is one process; under ``torch.distributed`` gradients are
 averaged over the default group (or ``process_group``).
@@ -27,16 +41,22 @@ from typing import Any
 import torch
 
 from .ddp_hook import from_plain, to_plain
-from .options import check_choice, check_float, check_int
+from .options import MAX_SEED, check_choice, check_float, check_int
 from .orthogonalize import ORTHOGONALIZATIONS
-from .registry import make
+from .package_kernel import PackagePowerSGDKernel
+from .policies import compose
 
-_ORTH_ALIASES = {"gram-schmidt": "gram_schmidt"}  # the package's spelling
+_ORTH_ALIASES = {"gram-schmidt": "gram_schmidt"}  # the hyphenated spelling is accepted too
 
 
 @dataclass(frozen=True)
 class Config:
-    """The package's Config, with its defaults (``rank`` has none there either)."""
+    """The package's Config, with its defaults (``rank`` has none there either), and two additions.
+
+    ``orthogonalization`` ("qr", the package's, or "gram_schmidt") applies to factors of rank >= 2; a rank-1
+    factor is always normalized, as in the package. ``seed`` seeds the generator of the initial factors
+    (0: the package's).
+    """
 
     rank: int
     min_compression_rate: float = 2
@@ -53,7 +73,7 @@ class Config:
         orth = _ORTH_ALIASES.get(self.orthogonalization, self.orthogonalization)
         check_choice("Config", "orthogonalization", orth, ORTHOGONALIZATIONS)
         object.__setattr__(self, "orthogonalization", orth)
-        check_int("Config", "seed", self.seed, minimum=0)
+        check_int("Config", "seed", self.seed, minimum=0, maximum=MAX_SEED)
 
 
 class PowerSGD:
@@ -66,11 +86,11 @@ class PowerSGD:
         if not isinstance(config, Config):
             raise ValueError(f"PowerSGD: config={config!r} is invalid; allowed: a compressors.Config")
         self.config = config
-        self.aggregator = make("powersgd", rank=config.rank, num_iters_per_step=config.num_iters_per_step,
-                               variant="alternating", warm_start=True, orthogonalization=config.orthogonalization,
-                               min_compression_rate=float(config.min_compression_rate),
-                               start_compressing_after_num_steps=config.start_compressing_after_num_steps,
-                               error_feedback="averaged")
+        kernel = PackagePowerSGDKernel(config.rank, config.num_iters_per_step, config.orthogonalization, config.seed)
+        # The package compresses any tensor (vectors too) whose rate is high enough; residuals are per worker.
+        self.aggregator = compose(kernel, error_feedback="local", compress_vectors=True,
+                                  min_compression_rate=float(config.min_compression_rate),
+                                  start_compressing_after_num_steps=config.start_compressing_after_num_steps)
         self.names = [str(i) for i in range(len(self.params))]
         first = self.params[0]
         self.state = self.aggregator.init({n: tuple(p.shape) for n, p in zip(self.names, self.params)}, workers=1,

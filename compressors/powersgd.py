@@ -3,9 +3,12 @@
 Two variants:
 - ``"paper"`` (paper Algorithm 1): per iteration P_i = M_i Q, P = mean P_i, P^ = orth(P), Q_i = M_i^T P^,
   Q = mean Q_i; update P^ Q^T = P^ P^^T mean(M). Warm start reuses Q across steps.
-- ``"alternating"`` (the authors' later ``powersgd`` package): one factor per iteration, alternating
+- ``"alternating"`` (after the authors' later ``powersgd`` package): one factor per iteration, alternating
   between left and right multiplications across iterations and steps; each iteration compresses what the
-  previous ones left (R_i <- R_i - approximation). Warm start reuses both factors.
+  averaged approximation so far leaves (R_i <- R_i - mean approximation). Warm start reuses both factors.
+  The package itself starts with the other factor, subtracts each worker's own message instead (since
+  July 2022) and draws its initial factors in another order: ``package_kernel.PackagePowerSGDKernel``
+  (``compressors.PowerSGD``) reproduces it exactly.
 
 Every same-shape matrix of every worker goes through one batched matmul: M is (W, G, n, m) per group of
 G same-shape matrices, the shared factor (G, m, r) broadcasts over workers. Each iteration is one packed

@@ -11,6 +11,7 @@ from torch import nn
 
 import compressors
 from compressors import Config, PowerSGD, optimizer_step
+from compressors.package_kernel import PackagePowerSGDKernel
 from sim.collective import VirtualCollective
 from sim.distributed import spawn
 
@@ -53,12 +54,16 @@ def _readme_loop(worker: int, steps: int, zero_grad: bool, momentum: float = 0.9
 
 
 def _reference(workers: int, steps: int, momentum: float = 0.9):
-    """The same training with the simulator's aggregator over W virtual workers (one process)."""
+    """The same training with the simulator's aggregator over W virtual workers (one process).
+
+    tests/test_package_reference.py holds the drop-in against the package's own algorithm; this holds the real
+    processes against the one-process simulation of the same kernel."""
     model = _model()
     params = list(model.parameters())
     optimizer = torch.optim.SGD(params, lr=0.1, momentum=momentum)
-    agg = compressors.make("powersgd", rank=1, num_iters_per_step=2, variant="alternating", warm_start=True,
-                           min_compression_rate=10.0, error_feedback="averaged")
+    # The drop-in's stack, run by the simulator's machinery: W virtual workers, per-worker residuals.
+    agg = compressors.compose(PackagePowerSGDKernel(rank=1, num_iters_per_step=2), error_feedback="local",
+                              min_compression_rate=10.0, compress_vectors=True)
     names = [str(i) for i in range(len(params))]
     state = agg.init({n: tuple(p.shape) for n, p in zip(names, params)}, workers=workers, seed=0)
     for step in range(steps):

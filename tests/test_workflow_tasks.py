@@ -235,3 +235,29 @@ def test_wikitext2_vmap_engine_matches_loop_engine_in_float64(tmp_path):
     for name in fast.params:
         assert fast.params[name].dtype == torch.float64
         torch.testing.assert_close(fast.params[name], slow.params[name], rtol=1e-10, atol=1e-12)
+
+
+class _RunsCommand:
+    """A pickle payload that would run a shell command when unpickled by plain pickle.load."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_cifar_batch_naming_code_is_refused_without_running_it(tmp_path):
+    from sim.tasks.cifar10 import read_batch
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "data_batch_1"
+    with open(path, "wb") as f:
+        pickle.dump({b"data": _RunsCommand(marker), b"labels": [0]}, f, protocol=2)
+    with pytest.raises(ValueError, match="refused global"):
+        read_batch(path)
+    assert not marker.exists()
+    path.write_bytes(b"\x80\x02}q\x00")  # a truncated pickle
+    with pytest.raises(ValueError, match="not a CIFAR-10 python batch"):
+        read_batch(path)

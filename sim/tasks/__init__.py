@@ -20,6 +20,7 @@ from .synthetic import synthetic_lowrank_task, validate_synthetic_options
 from .charlm import charlm_task, validate_charlm_options
 from .cifar10 import cifar10_task, validate_cifar_options
 from .wikitext2 import validate_wikitext2_options, wikitext2_task
+from .fashion_mnist import fashion_mnist_cnn_task, fashion_mnist_mlp_task, validate_fashion_options
 
 TaskLoader = Callable[..., Task]
 TASK_REGISTRY: dict[str, TaskLoader] = {}
@@ -81,6 +82,8 @@ register_task("synthetic-lowrank", synthetic_lowrank_task, validate_synthetic_op
 register_task("charlm-lstm", charlm_task, validate_charlm_options)
 register_task("cifar10-resnet18", cifar10_task, validate_cifar_options)
 register_task("wikitext2-lstm", wikitext2_task, validate_wikitext2_options)
+register_task("fashion-mnist-mlp", fashion_mnist_mlp_task, validate_fashion_options)
+register_task("fashion-mnist-cnn", fashion_mnist_cnn_task, validate_fashion_options)
 BUILT_IN_TASKS = tuple(TASK_REGISTRY)  # registered above; register_task refuses to replace them
 
 __all__ = ["Task", "TASK_REGISTRY", "register_task", "custom_task", "task_options", "load_task", "validate_task"]

@@ -45,10 +45,32 @@ def batches_folder(data_dir: str | None) -> Path:
                      f"{', '.join(missing)}")
 
 
+#: The only globals a CIFAR-10 batch needs: numpy's array reconstructors (numpy < 2 and >= 2 module names),
+#: and ``_codecs.encode``, with which Python 3 writes bytes into protocol-2 pickles (text -> bytes, no effects).
+DATA_GLOBALS = frozenset({(module, "_reconstruct") for module in ("numpy.core.multiarray", "numpy._core.multiarray")} |
+                         {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} |
+                         {(module, "_frombuffer") for module in ("numpy.core.numeric", "numpy._core.numeric")})
+
+
+class DataOnlyUnpickler(pickle.Unpickler):
+    """Unpickles containers, numbers, bytes and numpy arrays only: a pickle naming any other global (a
+    function to call, e.g. ``os.system``) is refused before anything runs (files never name code to run)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in DATA_GLOBALS:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}: a CIFAR-10 batch holds only data")
+        return super().find_class(module, name)
+
+
 def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One pickle batch -> images uint8 (N, 3, 32, 32), labels int64 (N,)."""
     with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
+        try:
+            batch = DataOnlyUnpickler(f, encoding="bytes").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
+            raise ValueError(f"{path}: not a CIFAR-10 python batch ({error})") from None
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise ValueError(f"{path}: not a CIFAR-10 python batch (expected a dict with b'data' and b'labels')")
     data = np.asarray(batch[b"data"], dtype=np.uint8)
     labels = np.asarray(batch[b"labels"], dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
