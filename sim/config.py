@@ -137,6 +137,16 @@ def check_distinct(owner: str, field: str, values: Sequence[Any]) -> None:
         seen[key] = value
 
 
+def registering_modules() -> list[str]:
+    """Modules (other than this package's and a script's ``__main__``) that registered a task or a compressor:
+    a spawned process starts fresh, so it imports them again to know those names (``sim.run_distributed``)."""
+    import compressors
+    from .tasks import TASK_REGISTRY
+
+    found = [getattr(f, "__module__", None) for f in [*TASK_REGISTRY.values(), *compressors.REGISTRY.values()]]
+    return sorted({m for m in found if m and m.split(".")[0] not in ("sim", "compressors", "__main__", "__mp_main__")})
+
+
 def import_modules(names: Any, owner: str, field: str, allow: bool = True) -> list[str]:
     """Import each named module (they register tasks or compressors); a ValueError names a bad or missing one.
 

@@ -163,19 +163,11 @@ def run_distributed(experiment: Experiment | Sequence[Experiment], *, nproc: int
             raise ValueError(f"run_distributed: workers_per_process={k} is invalid for nproc={nproc} and "
                              f"Experiment.workers={e.workers}; allowed: nproc * workers_per_process == workers")
         ks.append(k)
+    from .config import registering_modules
+
     results = spawn(run_on_rank, nproc, (experiments, ks, collective_timeout, checkpointing, registering_modules()),
                     backend=backend, timeout=timeout, collective_timeout=collective_timeout, threads=threads)
     return results[0][0] if isinstance(experiment, Experiment) else results[0]
-
-
-def registering_modules() -> list[str]:
-    """Modules (other than this package's and a script's ``__main__``) that registered a task or a compressor:
-    a spawned process starts fresh, so it imports them again to know those names."""
-    import compressors
-    from .tasks import TASK_REGISTRY
-
-    found = [getattr(f, "__module__", None) for f in [*TASK_REGISTRY.values(), *compressors.REGISTRY.values()]]
-    return sorted({m for m in found if m and m.split(".")[0] not in ("sim", "compressors", "__main__", "__mp_main__")})
 
 
 def run_on_rank(rank: int, world: int, experiments: list[Experiment], ks: list[int],
@@ -183,14 +175,17 @@ def run_on_rank(rank: int, world: int, experiments: list[Experiment], ks: list[i
                 imports: Sequence[str] = ()) -> list[Result] | None:
     """What each process runs (also ``python -m sim.launch`` under torchrun): returns rank 0's Results.
     ``checkpointing``: ``sim.run``'s checkpoint arguments (``resume_from`` a directory, see ``run_distributed``);
-    ``imports``: modules that register the experiments' tasks or compressors (``registering_modules``)."""
+    ``imports``: modules that register the experiments' tasks or compressors (``sim.config.registering_modules``)."""
     import importlib
 
     from .distributed_collective import DistributedCollective
     from .runner import run
 
     for module in imports:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ImportError:  # not importable here: harmless unless an experiment names what it registers,
+            pass             # which then fails with the usual "task=... is invalid" naming the choices
 
     out = []
     for e, k in zip(experiments, ks):

@@ -21,8 +21,8 @@ def test_own_model_example_runs_and_reports_each_step():
     done = _run("examples/own_model.py", "--quick")
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
-    for marker in ("one run: test accuracy", "test accuracy by configuration and seed", "regression: test loss",
-                   "speedup"):
+    for marker in ("one run: test accuracy", "test accuracy by configuration and seed", "mean_diff", "ci_low",
+                   "regression: test loss", "speedup"):
         assert marker in out, marker
     assert "Traceback" not in done.stderr
 

@@ -151,7 +151,7 @@ def test_a_slow_vmap_fallback_is_reported_once_in_our_words():
 @pytest.mark.distributed
 def test_real_processes_know_a_task_registered_by_a_module():
     """Spawned processes start fresh: run_distributed has them import the module that registered the task."""
-    from sim.distributed import registering_modules
+    from sim.config import registering_modules
 
     assert __name__ in registering_modules()
     e = sim.Experiment(task="test-free-attention", workers=2, steps=3, batch_size=4, eval_every=0,
