@@ -7,7 +7,7 @@
 Values on the command line are parsed as bool (true/false), None (none/null), int, float, else string. ``--grid``
 replaces the config file's grid entry for that key (other keys of ``[sweep.grid]`` stay); ``--seeds``
 replaces its seeds. Each finished run is written to ``--out`` as it completes; running the same command again
-skips complete runs (see ``sim.store``). In a terminal a progress bar counts runs and an inner one steps;
+skips complete runs and resumes the one in progress from its checkpoint (see ``sim.store``). In a terminal a progress bar counts runs and an inner one steps;
 otherwise (a log file, a pipe, a batch job) each finished run prints one line.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli_types import add_import_option
+from .cli_types import add_import_option, count
 from .config import load_config, parse_assignment, parse_seeds
 
 
@@ -31,6 +31,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress output at all, e.g. for tests (outside a terminal progress is already "
                              "one line per finished run)")
+    parser.add_argument("--checkpoint-every", type=count, default=100, metavar="N",
+                        help="the run in progress writes a checkpoint every N steps into its results folder, so "
+                             "running the same command after an interruption resumes it, e.g. --checkpoint-every 50 "
+                             "(default 100; 0: never)")
     add_import_option(parser)
 
 
@@ -65,7 +69,7 @@ def run_run(args: argparse.Namespace) -> int:
     from .store import sweep_to_dir
 
     _, base, out = _prepare(args)
-    table = sweep_to_dir(base, out, progress=progress_mode(args), log=print)
+    table = sweep_to_dir(base, out, progress=progress_mode(args), log=print, checkpoint_every=args.checkpoint_every)
     _print_summary(table, out)
     return 0
 
@@ -83,7 +87,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     seeds = parse_seeds(args.seeds) if args.seeds else config.seeds
     # validate command-line values (and distinctness) before any run
     grid, seeds = parse_sweep({"grid": grid, "seeds": list(seeds)}, base)
-    table = sweep_to_dir(base, out, grid=grid, seeds=seeds or (base.seed,), progress=progress_mode(args), log=print)
+    table = sweep_to_dir(base, out, grid=grid, seeds=seeds or (base.seed,), progress=progress_mode(args), log=print,
+                         checkpoint_every=args.checkpoint_every)
     _print_summary(table, out)
     return 0
 

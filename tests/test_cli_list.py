@@ -219,3 +219,36 @@ def test_launch_writes_the_results_layout_that_load_results_reads(tmp_path, caps
     assert len(table) == 3 and table.run_id.nunique() == 1
     virtual = sim.run(load_config(config_file(tmp_path), {"optimizer": "adamw", "lr": 0.01}).experiment)
     assert table.train_loss.tolist() == pytest.approx(virtual.history.train_loss.tolist(), rel=1e-5)
+
+
+def test_a_sweep_resumes_its_run_in_progress_from_that_runs_checkpoint(tmp_path, monkeypatch, capsys):
+    import pandas as pd
+
+    import sim.runner
+    from sim.store import sweep_to_dir
+
+    base = load_config(config_file(tmp_path)).experiment.replace(steps=9, eval_every=4)
+    grid = {"compressor.rank": [1, 2]}
+    reference = sweep_to_dir(base, tmp_path / "reference", grid=grid, progress=False)
+
+    real_run, started = sim.runner.run, []
+
+    def run_interrupted_in_the_second_job(experiment, **options):
+        started.append(options.get("resume_from"))
+
+        def stop(simulation, state):
+            if len(started) == 2 and state.step == 7:
+                raise KeyboardInterrupt
+        return real_run(experiment, on_step=stop, **options)
+
+    monkeypatch.setattr(sim.runner, "run", run_interrupted_in_the_second_job)
+    with pytest.raises(KeyboardInterrupt):
+        sweep_to_dir(base, tmp_path / "out", grid=grid, progress=False, checkpoint_every=3)
+    partial = list((tmp_path / "out" / "runs").glob("*/checkpoints/checkpoint-000000006.pt"))
+    assert len(partial) == 1  # the run in progress has its own checkpoint; the finished one has none left
+    monkeypatch.setattr(sim.runner, "run", real_run)
+    lines = []
+    table = sweep_to_dir(base, tmp_path / "out", grid=grid, progress=False, checkpoint_every=3, log=lines.append)
+    assert any("resuming" in line and "checkpoint-000000006.pt" in line for line in lines), lines
+    pd.testing.assert_frame_equal(table, reference, check_exact=True)
+    assert not list((tmp_path / "out" / "runs").glob("*/checkpoints"))
