@@ -123,6 +123,7 @@ def test_identity_with_w_workers_equals_single_process_big_batch_adamw():
     for name, p in model.named_parameters():
         torch.testing.assert_close(result.params[name], p.detach(), rtol=1e-9, atol=1e-11)
     assert result.extras["final_state"].optimizer.step == 30
+    # Real processes share this runner: tests/test_cli_list.py runs AdamW through sim.launch against sim.run.
 
 
 TINY = {"dim_in": 12, "dim_out": 10, "samples": 64, "test_samples": 8}
@@ -193,16 +194,3 @@ def test_unknown_option_error_lists_the_allowed_ones():
         sim.Experiment(optimizer="adamw", optimizer_options={"lr": 0.1})
     assert "allowed options: amsgrad, betas, eps" in str(error.value)
 
-
-@pytest.mark.distributed
-def test_real_processes_apply_adamw_as_the_simulator_does():
-    """sim.run_distributed shares the runner: 2 gloo processes with AdamW equal sim.run (W = 2: the sums
-    commute exactly, so only the gradient's own rounding differs)."""
-    e = sim.Experiment(task="synthetic-lowrank", task_options={"dim_in": 16, "dim_out": 8, "samples": 256,
-                                                               "test_samples": 32},
-                       workers=2, steps=15, batch_size=8, lr=0.01, weight_decay=0.01, eval_every=0,
-                       optimizer="adamw", lr_warmup_steps=3, compressor={"name": "powersgd", "rank": 2})
-    real = sim.run_distributed(e, nproc=2, timeout=300)
-    virtual = sim.run(e)
-    for name, p in virtual.params.items():
-        torch.testing.assert_close(real.params[name], p, rtol=1e-5, atol=1e-6)
