@@ -22,11 +22,12 @@ Conservation (local and averaged, linear decoders): sum_t update_t + mean_i e_i 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
 
-from .base import Aggregator, Reduced, TheoryClaim, check_grads
+from .base import Aggregator, Reduced, check_grads
 from .options import check_choice
 
 ERROR_FEEDBACK_MODES = ("none", "local", "averaged", "ef21", "local_scaled")
@@ -104,7 +105,9 @@ class ErrorFeedback(Aggregator):
         a contraction (in expectation) with delta = 1 / (1 + omega)."""
         claim = self.inner.theory(shapes)
         if self.mode == "local_scaled" and claim.kind == "unbiased" and claim.omega:
-            return TheoryClaim("contractive", delta=1.0 / (1.0 + claim.omega), deterministic=False)
+            # same premise (magnitude range, per worker) as the unbiased bound it is derived from
+            return dataclasses.replace(claim, kind="contractive", delta=1.0 / (1.0 + claim.omega), omega=None,
+                                       deterministic=False)
         return claim
 
     def __repr__(self):

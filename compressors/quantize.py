@@ -206,7 +206,11 @@ class Natural(StochasticQuantizer):
         return values.to(dtype).reshape(code.shape[0], *shape)
 
     def theory(self, shapes):
-        return TheoryClaim(kind="unbiased", omega=operators.natural_omega(), deterministic=False)
+        # The 8-bit exponent code spans float32's normal range only: below 2^-126 the neighbours are 0 and
+        # 2^-126 (variance ~ |x| 2^-126 >> x^2), above 2^127 the code saturates.
+        return TheoryClaim(kind="unbiased", omega=operators.natural_omega(), deterministic=False,
+                           magnitudes=(2.0 ** -126, 2.0 ** 127),
+                           premise="every nonzero |x_j| in float32's normal range")
 
     def __repr__(self):
         return "Natural()"

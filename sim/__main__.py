@@ -23,8 +23,9 @@ from sim.cli_types import Parser, add_import_option, positive_int, run_command
 # -- whatif ----------------------------------------------------------------------------------------------------
 def add_whatif(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="resnet18_cifar",
-                        help="a model known by name (python -m sim list models) or a task name (python -m sim list "
-                             "tasks), e.g. --model resnet18_cifar or --model digits-mlp (default resnet18_cifar)")
+                        help="a model known by name (python -m sim list models: resnet18_cifar, resnet50, vit_b16, "
+                             "bert_base, gpt2, ...) or a task name (python -m sim list tasks), e.g. --model resnet50 "
+                             "or --model digits-mlp (default resnet18_cifar)")
     parser.add_argument("--compressor", action="append", default=None, metavar="NAME[:OPTION=VALUE,...]",
                         help="repeatable, e.g. --compressor powersgd:rank=2 --compressor topk:ratio=0.01 "
                              "(identity, the baseline, is always added)")
@@ -38,6 +39,9 @@ def add_whatif(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compute", default=None,
                         help="seconds per step, an accelerator (python -m sim list accelerators) or 'measure', "
                              "e.g. --compute 0.12 or --compute v100")
+    parser.add_argument("--accelerator", default=None,
+                        help="the target GPU when --compute is seconds: encode/decode is then priced from FLOPs on "
+                             "it, else 0, e.g. --compute 0.12 --accelerator a100 (python -m sim list accelerators)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="per-worker batch for FLOP counting, e.g. --batch-size 128")
     parser.add_argument("--overlap", default="buckets", choices=["buckets", "none"],
@@ -50,9 +54,8 @@ def add_whatif(parser: argparse.ArgumentParser) -> None:
 
 
 def run_whatif(args: argparse.Namespace) -> int:
-    import pandas as pd
-
     from sim.cost import whatif
+    from sim.tasks import TASK_REGISTRY
 
     specs = list(args.compressor or [])
     specs += [{"name": "powersgd", "rank": r} for r in (args.rank or [])]
@@ -65,14 +68,15 @@ def run_whatif(args: argparse.Namespace) -> int:
         except ValueError:
             pass
     source = args.model
-    if "-" in source:  # a task name: price a sim.Experiment of that task
+    if source in TASK_REGISTRY or "-" in source:  # a task name (yours too, with --import): price an Experiment
         from sim import Experiment
 
         source = Experiment(task=source, workers=max(args.workers), batch_size=args.batch_size or 32)
     table = whatif(source, compressors=specs, workers=args.workers, networks=args.network, compute=compute,
-                   codec=args.codec, overlap=args.overlap, batch_size=args.batch_size)
-    with pd.option_context("display.width", 200, "display.max_rows", 500, "display.float_format", "{:.4g}".format):
-        print(table.to_string(index=False))
+                   codec=args.codec, overlap=args.overlap, batch_size=args.batch_size, accelerator=args.accelerator)
+    from sim.cost.whatif import format_does_it_pay
+
+    print(format_does_it_pay(table))  # the long table (every time column and its source) goes to --csv
     if args.csv:
         table.to_csv(args.csv, index=False)
         print(f"wrote {args.csv}")

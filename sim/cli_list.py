@@ -10,7 +10,6 @@ Everything is read from the live registries (``sim.tasks.TASK_REGISTRY``, ``comp
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 from typing import Any
 
@@ -63,28 +62,21 @@ def accelerators() -> list[dict[str, Any]]:
                                          "memory_gb_per_s": a.memory_gbs}} for a in ACCELERATORS.values()]
 
 
-def model_factories() -> dict[str, Any]:
-    """Models ``whatif --model`` knows by name: the zero-argument factories of ``sim.models.paper`` (and of any
-    ``KNOWN_MODELS`` table the cost model declares)."""
-    from .cost import whatif as whatif_module
-    from .models import paper
-
-    known = dict(getattr(whatif_module, "KNOWN_MODELS", {}) or {})
-    for name, value in vars(paper).items():
-        if (inspect.isfunction(value) and not name.startswith("_") and value.__module__ == paper.__name__
-                and all(p.default is not inspect.Parameter.empty for p in inspect.signature(value).parameters.values())):
-            known.setdefault(name, value)
-    return known
-
-
 def models() -> list[dict[str, Any]]:
+    """Models ``whatif --model`` knows by name (``sim.cost.whatif.MODELS``): parameter count (built on the meta
+    device: no memory, no random draws) and the per-worker batch their FLOPs are counted on."""
     import torch
 
+    from .cost.whatif import MODELS, _named_model
+
     rows = []
-    for name, factory in model_factories().items():
-        with torch.device("meta"):  # shapes only: no memory, no random draws
+    for name, (_, batch, example) in MODELS.items():
+        factory, _, _ = _named_model(name)
+        with torch.device("meta"):
             module = factory()
-        rows.append({"name": name, "options": {"parameters": sum(p.numel() for p in module.parameters())}})
+        options = {"parameters": sum(p.numel() for p in module.parameters())}
+        options["batch_per_worker"] = batch if example is not None else None  # None: no example input, no FLOPs
+        rows.append({"name": name, "options": options})
     return rows
 
 

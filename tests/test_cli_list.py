@@ -52,7 +52,7 @@ def one_line_error(capsys) -> str:
     ("optimizers", ["sgd", "adam", "adamw", "betas=[0.9, 0.999]", "momentum=0.9"]),
     ("networks", ["ethernet-10g", "gbit_per_s=10"]),
     ("accelerators", ["v100", "fp32_tflops=15.7"]),
-    ("models", ["resnet18_cifar", "parameters=11173962"]),  # the published ResNet-18 (CIFAR) count
+    ("models", ["resnet18_cifar", "parameters=11173962", "resnet50", "parameters=25557032", "gpt2"]),
 ])
 def test_list_shows_every_registered_name_with_its_options(capsys, kind, expected):
     assert main(["list", kind]) == 0
