@@ -29,10 +29,12 @@ import torch
 
 from .base import Aggregator, Reduced, check_grads
 from .options import check_choice
+from .serialization import register_record
 
 ERROR_FEEDBACK_MODES = ("none", "local", "averaged", "ef21", "local_scaled")
 
 
+@register_record
 class ErrorFeedbackState(NamedTuple):
     memory: dict[str, torch.Tensor]  # (k, *shape): residual e_i ("local"/"averaged") or estimate g_i ("ef21")
     estimate: dict[str, torch.Tensor]  # (*shape): ef21's global g = mean_i g_i; empty for the other modes

@@ -26,10 +26,12 @@ from theory import lowrank
 from .base import Aggregator, Reduced, TheoryClaim, check_grads, dtype_bits, matrix_view_shape
 from .orthogonalize import orthogonalize
 from .packing import pack, unpack
+from .serialization import register_record
 
 VARIANTS = ("paper", "alternating")
 
 
+@register_record
 class PowerSGDState(NamedTuple):
     step: int  # compressed steps taken so far (the alternating variant's parity)
     rng: torch.Tensor  # state of the generator shared by all workers (uint8)

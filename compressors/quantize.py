@@ -26,9 +26,11 @@ from theory import operators
 
 from .base import TheoryClaim, numel
 from .encoding import GatherKernel, compute_dtype, pack_bits, packed_numel, private_generators, unpack_bits
+from .serialization import register_record
 from .signs import decode_signs, encode_signs
 
 
+@register_record
 class PrivateRngState(NamedTuple):
     seed: int  # worker w's generator at step t is seeded with a hash of (seed, w, t): ``private_seed``
     step: int

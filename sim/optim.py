@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import torch
 
 from compressors.options import check_bool, check_float, check_known_options, invalid
+from compressors.serialization import register_record
 
 Tensors = dict[str, torch.Tensor]
 
@@ -34,10 +35,12 @@ OPTIMIZER_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
+@register_record
 class SGDState(NamedTuple):
     momentum: Tensors  # (*shape) per parameter
 
 
+@register_record
 class AdamState(NamedTuple):
     step: int  # updates applied so far (skipped steps do not count), the t of the bias correction
     exp_avg: Tensors  # first moment m, (*shape) per parameter
