@@ -116,10 +116,12 @@ class Simulation:
             return self._skip(state, metrics, f"non-finite compressor output in {bad or 'another process'} from "
                                               "finite gradients (an overflow, e.g. of a 16-bit cast or factor)")
         params, opt_state = self.optimizer.step(state.params, update, state.optimizer, metrics["lr"])
-        # A finite update can still overflow the parameters or momentum (lr * update beyond the dtype's range).
-        # Parameters and momentum are identical on every process (the update is), so all decide alike unvoted.
-        bad = _nonfinite_any(params) + [f"momentum {n}" for n in (_nonfinite_any(opt_state.momentum)
-                                                                    if e.momentum else [])]
+        # A finite update can still overflow the parameters or the optimizer's state (lr * update beyond the
+        # dtype's range, a squared update in Adam's second moment). Both are identical on every process (the
+        # update is), so all decide alike unvoted. SGD without momentum keeps its zero buffers: nothing to check.
+        moving = e.optimizer != "sgd" or e.momentum
+        bad = _nonfinite_any(params) + [f"optimizer {n}" for n in (_nonfinite_any(dict(_float_leaves(opt_state)))
+                                                                     if moving else [])]
         if bad:
             return self._skip(state, metrics, f"non-finite parameter after the optimizer step in {bad} (an overflow "
                                               f"of lr={metrics['lr']:g} times the update)")

@@ -194,3 +194,25 @@ def test_unknown_option_error_lists_the_allowed_ones():
         sim.Experiment(optimizer="adamw", optimizer_options={"lr": 0.1})
     assert "allowed options: amsgrad, betas, eps" in str(error.value)
 
+
+
+@pytest.mark.parametrize("mutate, named", [
+    (lambda opt: opt["fields"].__setitem__("step", 99), "optimizer.step=99"),  # more updates than steps run
+    (lambda opt: opt["fields"].__setitem__("step", -1), "optimizer.step=-1"),
+    (lambda opt: next(iter(opt["fields"]["exp_avg_sq"].values())).fill_(float("nan")), "exp_avg_sq"),
+])
+def test_a_tampered_adam_checkpoint_is_refused_before_resuming(tmp_path, mutate, named):
+    from compressors.serialization import digest
+    from sim import checkpoint
+    from sim.checkpoint_schema import body_of
+
+    e = sim.Experiment(task="synthetic-lowrank", task_options=TINY, workers=2, steps=4, batch_size=4, eval_every=0,
+                       optimizer="adam", lr=0.01)
+    sim.run(e, checkpoint_dir=tmp_path, checkpoint_every=2)
+    path = checkpoint.latest(tmp_path)
+    payload = torch.load(path, weights_only=True)
+    mutate(payload["state"]["fields"]["optimizer"])
+    payload["checksum"] = digest(body_of(payload))  # a consistent file: only the content check can catch it
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match=named):
+        sim.run(e, resume_from=path)
