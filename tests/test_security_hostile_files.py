@@ -346,7 +346,7 @@ def _hook_state_dict():
 
 def _reseal(saved):
     try:
-        saved["checksum"] = digest({k: saved[k] for k in ("format_version", "seed", "calls", "buckets")})
+        saved["checksum"] = digest({k: saved[k] for k in ("format_version", "seed", "calls", "steps", "buckets")})
     except ValueError:  # digest refuses the payload itself: so will loading
         pass
     return saved
