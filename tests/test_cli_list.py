@@ -252,3 +252,38 @@ def test_a_sweep_resumes_its_run_in_progress_from_that_runs_checkpoint(tmp_path,
     assert any("resuming" in line and "checkpoint-000000006.pt" in line for line in lines), lines
     pd.testing.assert_frame_equal(table, reference, check_exact=True)
     assert not list((tmp_path / "out" / "runs").glob("*/checkpoints"))
+
+
+def test_sim_sweep_out_is_the_resumable_results_directory(tmp_path):
+    base = load_config(config_file(tmp_path)).experiment
+    grid = {"compressor.rank": [1, 2]}
+    table = sim.sweep(base, grid=grid, seeds=[0, 1], progress=False, out=tmp_path / "o", checkpoint_every=2)
+    assert len(table) == 4 * 3 and sorted(table.seed.unique()) == [0, 1]
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(table, sim.load_results(tmp_path / "o"), check_exact=True)
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "o").rglob("record.json")}
+    again = sim.sweep(base, grid=grid, seeds=[0, 1], progress=False, out=tmp_path / "o")
+    pd.testing.assert_frame_equal(again, table, check_exact=True)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing redone
+    in_memory = sim.sweep(base, grid=grid, seeds=[0, 1], progress=False)
+    assert in_memory.train_loss.tolist() == table.train_loss.tolist()
+
+
+@pytest.mark.parametrize("arguments, named", [
+    ({"grid": {"compressor.rank": [1, 1]}}, "repeated"),
+    ({"seeds": [0, 0]}, "repeated"),
+    ({"grid": {"seed": [1, 2]}, "seeds": [0, 1]}, "seeds"),
+    ({"processes": 2, "out": "x"}, "processes"),
+])
+def test_sim_sweep_refuses_repeated_runs(tmp_path, arguments, named):
+    base = load_config(config_file(tmp_path)).experiment
+    with pytest.raises(ValueError, match=named):
+        sim.sweep(base, progress=False, **arguments)
+
+
+def test_sim_sweep_over_seed_reports_the_seed_it_ran(tmp_path):
+    base = load_config(config_file(tmp_path)).experiment
+    table = sim.sweep(base, grid={"seed": [3, 4]}, progress=False)
+    assert sorted(table.seed.unique()) == [3, 4]
+    assert table[table.seed == 3].train_loss.tolist() == sim.run(base.replace(seed=3)).history.train_loss.tolist()

@@ -162,3 +162,12 @@ def test_real_processes_know_a_task_registered_by_a_module():
         virtual = sim.run(e)
     for name, p in virtual.params.items():
         torch.testing.assert_close(real.params[name], p, rtol=1e-9, atol=1e-12)
+
+
+def test_a_parallel_sweep_knows_a_task_registered_by_a_module():
+    """sim.sweep(processes=2) starts fresh worker processes: they import the registering module too."""
+    base = sim.Experiment(task="test-free-attention", workers=2, steps=2, batch_size=4, eval_every=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        parallel = sim.sweep(base, grid={"lr": [0.1, 0.05]}, seeds=[0], progress=False, processes=2)
+    assert parallel.train_loss.notna().all() and len(parallel) == 4
