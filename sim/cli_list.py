@@ -37,8 +37,8 @@ def optimizers() -> list[dict[str, Any]]:
 
     defaults = {f.name: f.default for f in dataclasses.fields(Experiment)}
     shared = ["lr", "weight_decay", "lr_warmup_steps", "lr_milestones", "lr_decay"]
-    return [{"name": name, "options": dict(options),
-             "experiment_fields": {k: defaults[k] for k in shared + (["momentum", "nesterov"] if name == "sgd" else [])}}
+    fields = {name: shared + (["momentum", "nesterov"] if name == "sgd" else []) for name in OPTIMIZER_OPTIONS}
+    return [{"name": name, "options": dict(options), "experiment_fields": {k: defaults[k] for k in fields[name]}}
             for name, options in OPTIMIZER_OPTIONS.items()]
 
 

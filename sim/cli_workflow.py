@@ -7,8 +7,9 @@
 Values on the command line are parsed as bool (true/false), None (none/null), int, float, else string. ``--grid``
 replaces the config file's grid entry for that key (other keys of ``[sweep.grid]`` stay); ``--seeds``
 replaces its seeds. Each finished run is written to ``--out`` as it completes; running the same command again
-skips complete runs and resumes the one in progress from its checkpoint (see ``sim.store``). In a terminal a progress bar counts runs and an inner one steps;
-otherwise (a log file, a pipe, a batch job) each finished run prints one line.
+skips complete runs and resumes the one in progress from its checkpoint (see ``sim.store``). In a terminal a
+progress bar counts runs and an inner one steps; otherwise (a log file, a pipe, a batch job) each finished run
+prints one line.
 """
 from __future__ import annotations
 

@@ -32,15 +32,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = Parser(prog=PROG, description="Run an Experiment on real processes, under torchrun or on its own "
                                            "(docs/cli.md).")
     parser.add_argument("--experiment", default="{}",
-                        help="a .toml/.json config (its base experiment, as python -m sim run), e.g. --experiment exp.toml, or "
-                             "Experiment "
-                             "fields as JSON, e.g. --experiment '{\"workers\": 4, \"steps\": 50}'")
+                        help="a .toml/.json config (its base experiment, as python -m sim run), e.g. --experiment "
+                             "exp.toml, or Experiment fields as JSON, e.g. "
+                             "--experiment '{\"workers\": 4, \"steps\": 50}'")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field, e.g. --set steps=100 --set compressor.rank=4 (repeatable)")
     parser.add_argument("--nproc", type=positive_int, default=2,
                         help="processes to spawn when not under torchrun, e.g. --nproc 4 (default 2)")
     parser.add_argument("--workers-per-process", type=positive_int, default=None,
-                        help="workers each process emulates, e.g. --workers-per-process 8 (default workers / processes)")
+                        help="workers each process emulates, e.g. --workers-per-process 8 "
+                             "(default workers / processes)")
     parser.add_argument("--backend", default="gloo", choices=("gloo", "nccl"),
                         help="torch.distributed backend, e.g. --backend nccl on GPUs (default gloo)")
     parser.add_argument("--timeout", type=positive_number, default=60.0,

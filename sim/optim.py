@@ -7,9 +7,9 @@ operations, in the same order, as its ``torch.optim`` counterpart's single-tenso
 fed the same gradients and learning rates the two agree to rounding (tests/test_optim_adam.py checks 1e-12 in
 float64).
 
-    sgd    weight decay, momentum, Nesterov                          torch.optim.SGD
-    adam   Adam with L2 weight decay added to the gradient          torch.optim.Adam  (Kingma & Ba 2015, Alg. 1)
-    adamw  Adam with decoupled weight decay                          torch.optim.AdamW (Loshchilov & Hutter 2019, Alg. 2)
+    sgd    weight decay, momentum, Nesterov          torch.optim.SGD
+    adam   L2 weight decay added to the gradient     torch.optim.Adam  (Kingma & Ba 2015, Alg. 1)
+    adamw  decoupled weight decay                    torch.optim.AdamW (Loshchilov & Hutter 2019, Alg. 2)
 
 The learning rate comes from ``learning_rate`` (warm-up and step decay), shared by every optimizer.
 """

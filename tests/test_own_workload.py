@@ -34,7 +34,8 @@ def data(samples: int, seed: int):
 
 
 def free_attention_task(*, dtype, samples: int = 64):
-    return custom_task("test-free-attention", model=FreeAttention, train=data(samples, 0), test=data(16, 1), dtype=dtype)
+    return custom_task("test-free-attention", model=FreeAttention, train=data(samples, 0), test=data(16, 1),
+                       dtype=dtype)
 
 
 register_task("test-free-attention", free_attention_task)

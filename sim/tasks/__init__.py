@@ -39,7 +39,8 @@ def register_task(name: str, loader: TaskLoader, validate: Callable[[dict], None
     if not isinstance(name, str) or not name.strip() or name != name.strip():
         raise invalid("register_task", "name", name, "a non-empty string without surrounding spaces")
     if name in BUILT_IN_TASKS and TASK_REGISTRY.get(name) is not loader:
-        raise invalid("register_task", "name", name, f"a name other than the built-in tasks ({', '.join(BUILT_IN_TASKS)})")
+        raise invalid("register_task", "name", name,
+                      f"a name other than the built-in tasks ({', '.join(BUILT_IN_TASKS)})")
     if not callable(loader):
         raise invalid("register_task", "loader", loader, "a function (*, dtype, **options) -> Task")
     parameters = inspect.signature(loader).parameters.values()

@@ -72,7 +72,8 @@ def custom_task(name: str, *, model: Callable[[], nn.Module], train: Any, test: 
                       "itself: each run builds its own from its seed)")
     if isinstance(loss, str):
         if loss not in LOSSES:
-            raise invalid(f"custom_task {name!r}", "loss", loss, f"one of {', '.join(map(repr, LOSSES))}, or a callable")
+            raise invalid(f"custom_task {name!r}", "loss", loss,
+                          f"one of {', '.join(map(repr, LOSSES))}, or a callable")
         loss = LOSSES[loss]
     elif not callable(loss):
         raise invalid(f"custom_task {name!r}", "loss", loss, "a loss name or a callable (outputs, targets) -> loss")
