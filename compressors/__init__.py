@@ -24,3 +24,4 @@ __all__ = [
     "REGISTRY", "make", "options_of", "register", "iter_states", "memory_norm",
 ]
 __all__ += ["HookState", "ddp_comm_hook", "Config", "PowerSGD", "optimizer_step"]
+from .match_bits import match_bits; __all__ += ["match_bits"]  # noqa: E402,E702  (the knob value for a bits budget)

@@ -38,5 +38,6 @@ def sweep(base: Experiment, grid: Mapping[str, Sequence[Any]] | None = None, see
             history[key] = [value] * len(history)
         history["seed"] = seed
         history["run"] = ", ".join(f"{k}={v}" for k, v in point.items()) or "base"
+        history["label"] = history["run"]  # the configuration's name, as sim.compare(by="label") expects
         tables.append(history)
     return pd.concat(tables, ignore_index=True)

@@ -1,0 +1,4 @@
+"""Analysis of results tables: paired comparisons over seeds (``compare``) and the learning-rate protocol."""
+from .compare import compare, paired_summary, t_interval
+
+__all__ = ["compare", "paired_summary", "t_interval"]
