@@ -1,8 +1,8 @@
 """``match_bits(name, shapes, target_bits, **fixed)``: the option value that makes a compressor send a given budget.
 
-Comparing compressors fairly means comparing them at the same communication (the PowerSGD paper, section 5,
-compares its baselines at PowerSGD rank 2's bits per step). Each compressor with one bits knob is searched on
-that knob, its other options held at ``fixed``:
+Comparing compressors fairly means comparing them at the same communication (the PowerSGD paper, Vogels et
+al. 2019, compares its baselines at a budget close to PowerSGD rank 2's). A compressor with one bits knob is
+searched on that knob, its other options held at ``fixed``:
 
 - ``ratio`` (topk, randomk, random_block): continuous in (0, 1]; bits are a non-decreasing step function of it
   (k = max(1, round(ratio d)) coordinates per tensor), so bisection finds the two steps around the target.

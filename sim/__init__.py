@@ -19,4 +19,4 @@ __all__ += ["run_distributed", "DistributedCollective"]
 from . import checkpoint  # noqa: F401  (sim.checkpoint.latest/load/save; sim.run(checkpoint_dir=, resume_from=))
 from . import plot  # noqa: F401  (sim.plot.plot_metric/plot_grid; matplotlib is imported only when drawing)
 from .store import load_results; __all__ += ["load_results"]  # noqa: E702  (results dirs: sim.store, python -m sim sweep)
-from .analysis import compare; __all__ += ["compare"]  # noqa: E702  (paired differences over seeds with t intervals)
+from .analysis import compare, tune_lr; __all__ += ["compare", "tune_lr"]  # noqa: E702  (paired CIs; lr protocol)

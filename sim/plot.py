@@ -4,6 +4,8 @@ One line per configuration (the ``run`` column), the mean over seeds, and a shad
 max, or mean +- one standard deviation). Seeds are aligned on ``step``; the x value at a step is the mean over
 seeds (bits and simulated time are the same for every seed of a deterministic compressor). Rows where the
 metric is missing (e.g. test accuracy between evaluations) are dropped. matplotlib runs headless (Agg).
+
+``plot_differences`` draws ``sim.compare``'s table: mean differences to the baseline with their paired intervals.
 """
 from __future__ import annotations
 
@@ -101,3 +103,33 @@ def save_png(fig, path: str | Path, dpi: int = 110) -> Path:
     path = Path(path)
     write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
     return path
+
+
+def plot_differences(comparison: pd.DataFrame, ax=None, by: str = "label", title: str | None = None):
+    """``sim.compare``'s table as a forest plot: each configuration's mean difference to the baseline with its
+    [ci_low, ci_high] interval as a horizontal error bar, and a vertical line at 0 (an interval that crosses
+    it is "not distinguishable"). Rows with a NaN interval (n < 2) show their mean only. Returns the axes."""
+    if by == "label" and by not in comparison and "run" in comparison:
+        by = "run"  # sim.compare names the column after the table's configuration column
+    for column in (by, "mean_diff", "ci_low", "ci_high"):
+        if column not in comparison:
+            raise ValueError(f"plot_differences: column {column!r} is missing; allowed: a table from sim.compare "
+                             f"(columns {', '.join(map(str, comparison.columns))})")
+    plt = _pyplot()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 0.5 + 0.45 * max(len(comparison), 1)))
+    rows = range(len(comparison))[::-1]  # first configuration on top
+    mean = comparison["mean_diff"].to_numpy(float)
+    errors = [mean - comparison["ci_low"].to_numpy(float), comparison["ci_high"].to_numpy(float) - mean]
+    ax.errorbar(mean, list(rows), xerr=errors, fmt="o", capsize=3)
+    ax.axvline(0.0, color="grey", lw=1, ls="--")
+    ax.set_yticks(list(rows), [str(v) for v in comparison[by]])
+    attrs = comparison.attrs
+    what = LABELS.get(attrs.get("metric"), attrs.get("metric") or "metric")
+    if attrs.get("target") is not None:
+        what = f"{attrs.get('x')} to reach {what} {attrs['target']}"
+    confidence = attrs.get("confidence", 0.95)
+    ax.set_xlabel(f"difference to {attrs.get('baseline', 'baseline')!s} ({what}; {confidence:.0%} paired CI)")
+    ax.set_title(title if title is not None else "paired differences over seeds")
+    ax.grid(alpha=0.3, axis="x")
+    return ax

@@ -20,24 +20,87 @@ def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
 
 
 def sweep(base: Experiment, grid: Mapping[str, Sequence[Any]] | None = None, seeds: Sequence[int] = (0,),
-          progress: bool = True) -> pd.DataFrame:
+          progress: bool = True, processes: int = 1) -> pd.DataFrame:
     """Runs base.with_overrides(point) for every grid point and seed (all validated before any runs).
 
-    The table has each run's history plus one column per grid key, ``seed``, and ``run`` (a label).
+    The table has each run's history plus one column per grid key, ``seed``, and ``run`` and ``label`` (the
+    configuration's name, seeds pooled: what ``sim.compare(by="label")`` pairs).
+
+    ``processes > 1`` runs that many experiments at a time in fresh ("spawn") worker processes, each with one
+    torch thread; the table is the serial one, row for row, whatever order the runs finish in (the serial sweep
+    gives bitwise the same numbers when its own process runs torch on one thread too, e.g. OMP_NUM_THREADS=1).
     """
-    from .runner import run
+    from compressors.options import check_int
 
     points = grid_points(grid or {})
     if not seeds:
         raise ValueError("sweep: seeds=[] is invalid; allowed: a non-empty list of integers >= 0")
+    check_int("sweep", "processes", processes, minimum=1)
     experiments = [(point, seed, base.with_overrides({**point, "seed": seed})) for point in points for seed in seeds]
+    jobs = [experiment for _, _, experiment in experiments]
+    histories = run_all(jobs, progress, processes)
     tables = []
-    for point, seed, experiment in tqdm(experiments, disable=not progress, desc="sweep"):
-        history = run(experiment).history.copy()
+    for (point, seed, _), history in zip(experiments, histories):
         for key, value in point.items():
             history[key] = [value] * len(history)
         history["seed"] = seed
         history["run"] = ", ".join(f"{k}={v}" for k, v in point.items()) or "base"
-        history["label"] = history["run"]  # the configuration's name, as sim.compare(by="label") expects
+        history["label"] = history["run"]
         tables.append(history)
     return pd.concat(tables, ignore_index=True)
+
+
+def run_history(experiment: Experiment) -> pd.DataFrame:
+    from .runner import run
+
+    return run(experiment).history.copy()
+
+
+def run_history_or_none(experiment: Experiment) -> pd.DataFrame | None:
+    """The history, or None when the run stopped on a NaN/Inf gradient (it diverged)."""
+    from .runner import NonFiniteGradientError
+
+    try:
+        return run_history(experiment)
+    except NonFiniteGradientError:
+        return None
+
+
+def run_all(jobs: Sequence[Experiment], progress: bool = True, processes: int = 1, one_run=run_history) -> list:
+    """``one_run`` (a module-level function, so worker processes can import it) of every job, in job order."""
+    runner = run_serially if processes == 1 or len(jobs) == 1 else run_in_processes
+    return runner(jobs, progress, processes, one_run)
+
+
+def run_serially(jobs: Sequence[Experiment], progress: bool, processes: int = 1, one_run=run_history) -> list:
+    return [one_run(experiment) for experiment in tqdm(jobs, disable=not progress, desc="sweep")]
+
+
+def run_in_processes(jobs: Sequence[Experiment], progress: bool, processes: int, one_run=run_history) -> list:
+    """``one_run`` of each job in job order, ``processes`` at a time; the bar moves as runs finish."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    histories: list = [None] * len(jobs)
+    # "spawn": a fresh interpreter per worker (forking a process that has run torch threads can deadlock).
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(processes, len(jobs)), mp_context=context,
+                             initializer=_one_thread) as pool, tqdm(total=len(jobs), disable=not progress,
+                                                                    desc="sweep") as bar:
+        futures = {pool.submit(one_run, experiment): index for index, experiment in enumerate(jobs)}
+        try:
+            for future in as_completed(futures):
+                histories[futures[future]] = future.result()  # a failed run raises its error here
+                bar.update(1)
+        except BaseException:
+            for future in futures:  # stop at the first failure (or Ctrl-C) instead of running the rest
+                future.cancel()
+            raise
+    return histories
+
+
+def _one_thread() -> None:
+    """Worker initializer: one torch thread each, so N processes use N cores and results do not depend on it."""
+    import torch
+
+    torch.set_num_threads(1)

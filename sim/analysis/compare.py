@@ -164,7 +164,8 @@ def _check_arguments(table, baseline, metric, by, seed, target, x, confidence) -
         raise invalid(owner, "by", by, "a column without missing values (e.g. 'label' or 'run')")
     names = list(pd.unique(table[by]))
     if baseline not in names:
-        raise invalid(owner, "baseline", baseline, f"a value of column {by!r}: " + ", ".join(repr(_plain(v)) for v in names))
+        values = ", ".join(repr(_plain(v)) for v in names)
+        raise invalid(owner, "baseline", baseline, f"a value of column {by!r}: {values}")
     if target is not None and (not isinstance(target, (int, float)) or isinstance(target, bool)
                                or not math.isfinite(target)):
         raise invalid(owner, "target", target, "None or a finite number")
