@@ -25,3 +25,5 @@ __all__ = [
 ]
 __all__ += ["HookState", "ddp_comm_hook", "Config", "PowerSGD", "optimizer_step"]
 from .match_bits import match_bits; __all__ += ["match_bits"]  # noqa: E402,E702  (the knob value for a bits budget)
+from . import testing  # noqa: E402,F401  (compressors.testing.check_compressor: the contract battery, public)
+from .degenerate import DenseConfigurationWarning; __all__ += ["DenseConfigurationWarning"]  # noqa: E402,E702

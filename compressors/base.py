@@ -62,23 +62,48 @@ class TheoryClaim:
 
 
 class Aggregator(ABC):
-    """Base class of every registered compressor. Subclasses implement ``init``, ``reduce`` and ``bits_per_step``."""
+    """Base class of every registered compressor. Subclasses implement ``init``, ``reduce`` and ``bits_per_step``.
+
+    The signatures below are exactly how the simulator (``sim.run``), the DDP hook, the wrappers (error
+    feedback, warm-up, partitions) and the cost model call them; an override must accept the same arguments
+    (``compressors.register`` checks it). ``dtype``/``device`` are keyword-only with defaults: the simulator
+    passes ``dtype=`` (the experiment's dtype), the DDP hook and ``compressors.PowerSGD`` pass ``dtype=`` and
+    ``device=`` of the gradients, the cost model passes neither (float32 on the CPU). See
+    docs/writing_a_compressor.md; ``compressors.testing.check_compressor`` runs the contract battery.
+    """
 
     name: str = "aggregator"
     #: True if the aggregate needs only all-reduce (no all-gather).
     all_reducible: bool = True
 
     @abstractmethod
-    def init(self, shapes: Shapes, workers: int, seed: int = 0) -> Any:
-        """The initial state for tensors of the given shapes, shared by ``workers`` workers."""
+    def init(self, shapes: Shapes, workers: int, seed: int = 0, *, dtype: torch.dtype = torch.float32,
+             device: torch.device | str = "cpu") -> Any:
+        """The initial state for tensors of the given shapes, shared by ``workers`` workers.
+
+        shapes: {name: shape} of one worker's tensors (no worker axis). workers: the leading axis ``k`` of the
+        gradients this state will see (the emulated workers of this process: W in the simulator, 1 in plain
+        DDP). seed: shared randomness is drawn from it (identical on every worker). dtype, device: those of
+        the gradients; per-worker state (error-feedback memory, warm-start factors) takes them. Called once
+        before the first step (and again by a wrapper that rebuilds its inner state); callers may pass
+        ``seed`` positionally and ``dtype``/``device`` only by keyword.
+        """
 
     @abstractmethod
     def reduce(self, grads: Grads, state: Any, comm: Comm, want_local: bool = False) -> tuple[Reduced, Any]:
-        """One aggregation. ``want_local`` asks for each worker's own decompressed message as well."""
+        """One aggregation: {name: (k, *shape)} -> ``Reduced`` and the new state (never mutate either input).
+
+        ``want_local`` asks for each worker's own decompressed message as well (error feedback's "local"
+        modes need it); callers pass it positionally or by keyword. Every collective goes through ``comm``.
+        """
 
     @abstractmethod
-    def bits_per_step(self, shapes: Shapes) -> float:
-        """Payload bits one worker sends per step, after any warm-up (averaged over a cycle if it alternates)."""
+    def bits_per_step(self, shapes: Shapes, *, dtype: torch.dtype = torch.float32) -> float:
+        """Payload bits one worker sends per step, after any warm-up (averaged over a cycle if it alternates).
+
+        ``dtype``: the gradients' dtype (keyword-only; the simulator passes the experiment's). It must equal
+        what the ledger records for one step of ``reduce`` on these shapes.
+        """
 
     def aggregate(self, grads: Grads, state: Any, comm: Comm) -> tuple[dict[str, torch.Tensor], Any]:
         reduced, state = self.reduce(grads, state, comm, want_local=False)

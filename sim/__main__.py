@@ -18,7 +18,8 @@ from sim import cli_workflow
 # -- whatif ----------------------------------------------------------------------------------------------------
 def add_whatif(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="resnet18_cifar",
-                        help="a paper model (resnet18_cifar, lstm_wikitext2) or a task name (digits-mlp, ...)")
+                        help="a named model (resnet18_cifar, lstm_wikitext2, resnet50, vit_b16, bert_base, gpt2) "
+                             "or a task name (digits-mlp, ...)")
     parser.add_argument("--compressor", action="append", default=None,
                         help="repeatable: identity, powersgd:rank=2, topk:ratio=0.01 (identity is always added)")
     parser.add_argument("--rank", type=int, nargs="*", default=None,
@@ -28,6 +29,8 @@ def add_whatif(parser: argparse.ArgumentParser) -> None:
                         help="presets (see sim.cost.PRESETS) or saved .json networks")
     parser.add_argument("--compute", default=None,
                         help="seconds per step, an accelerator (v100, a100, h100, t4), or 'measure'")
+    parser.add_argument("--accelerator", default=None, help="the target GPU when --compute is seconds "
+                        "(v100, a100, h100, t4): encode/decode is then priced from FLOPs on it, else 0")
     parser.add_argument("--batch-size", type=int, default=None, help="per-worker batch for FLOP counting")
     parser.add_argument("--overlap", default="buckets", choices=["buckets", "none"])
     parser.add_argument("--codec", default="auto", choices=["auto", "measure", "flops", "none"])
@@ -36,8 +39,6 @@ def add_whatif(parser: argparse.ArgumentParser) -> None:
 
 
 def run_whatif(args: argparse.Namespace) -> int:
-    import pandas as pd
-
     from sim.cost import whatif
 
     specs = list(args.compressor or [])
@@ -56,9 +57,10 @@ def run_whatif(args: argparse.Namespace) -> int:
 
         source = Experiment(task=source, workers=max(args.workers), batch_size=args.batch_size or 32)
     table = whatif(source, compressors=specs, workers=args.workers, networks=args.network, compute=compute,
-                   codec=args.codec, overlap=args.overlap, batch_size=args.batch_size)
-    with pd.option_context("display.width", 200, "display.max_rows", 500, "display.float_format", "{:.4g}".format):
-        print(table.to_string(index=False))
+                   codec=args.codec, overlap=args.overlap, batch_size=args.batch_size, accelerator=args.accelerator)
+    from sim.cost.whatif import format_does_it_pay
+
+    print(format_does_it_pay(table))  # the long table (every time column and its source) goes to --csv
     if args.csv:
         table.to_csv(args.csv, index=False)
         print(f"wrote {args.csv}")

@@ -3,9 +3,16 @@
 One line per configuration (the ``run`` column), the mean over seeds, and a shaded band over seeds (min to
 max, or mean +- one standard deviation). Seeds are aligned on ``step``; the x value at a step is the mean over
 seeds (bits and simulated time are the same for every seed of a deterministic compressor). Rows where the
+<<<<<<< HEAD
+metric is missing (e.g. test accuracy between evaluations) are dropped. A configuration that sends at least the
+dense bits carries " (dense)" in its ``run`` label (``sim.store.label``), so its legend entry says so.
+``compression_error`` is ||update - mean_i g_i|| / ||mean_i g_i||: the applied update (error-feedback memory
+included) against the exact mean of this step's gradients. matplotlib runs headless (Agg).
+=======
 metric is missing (e.g. test accuracy between evaluations) are dropped. matplotlib runs headless (Agg).
 
 ``plot_differences`` draws ``sim.compare``'s table: mean differences to the baseline with their paired intervals.
+>>>>>>> main
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ X_AXES = {
 }
 BANDS = ("minmax", "std", "none")
 LABELS = {"test_accuracy": "test accuracy", "test_perplexity": "test perplexity", "train_loss": "training loss",
-          "test_loss": "test loss", "compression_error": "relative compression error", "memory_norm": "memory norm"}
+          "test_loss": "test loss", "compression_error": "relative error of the update vs the exact mean", "memory_norm": "memory norm"}
 
 
 def _pyplot():

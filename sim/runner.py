@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 import compressors
 from compressors.state_tree import memory_tensors, squared_norm
+from compressors.degenerate import warn_if_dense
 from . import checkpoint
 from .collective import VirtualCollective
 from .engine import evaluate, make_engine
@@ -67,6 +68,8 @@ class Simulation:
                              e.workers, e.sharding, e.label_skew_alpha, e.seed)
         self.sampler = BatchSampler(shards, e.batch_size, e.seed)
         self.shapes = {name: tuple(p.shape) for name, p in self.model.named_parameters()}
+        if e.compressor.get("name") != "identity":  # the exact all-reduce is the dense baseline, not degenerate
+            warn_if_dense(self.aggregator, self.shapes, f"compressor {dict(e.compressor)}", e.torch_dtype)
         self.network = None
         if e.network is not None:
             from .cost import resolve_network
@@ -156,7 +159,10 @@ class Simulation:
 
     # -- metrics -----------------------------------------------------------------------------------------
     def _compression_error(self, grads: Tensors, sums: Tensors, update: Tensors) -> float:
-        """||update - mean_i g_i|| / ||mean_i g_i|| over all parameters (0 for the exact mean).
+        """The ``compression_error`` column: ||update - mean_i g_i|| / ||mean_i g_i|| over all parameters (0 for
+        the exact mean), the relative error of the update every worker applies against the exact mean of this
+        step's gradients. The update includes the error-feedback memory added back (C(g_i + e_i)), so with
+        error feedback it measures the applied step's deviation, not the compressor's error on g alone.
 
         ``sums[name]``: this process's g.sum(0). The exact mean is sums / k here, or a real all-reduce without
         a ledger record on real processes (a measurement, not traffic). Squared norms by ``squared_norm``
@@ -270,6 +276,10 @@ def run(experiment: Experiment, *, comm=None, local_workers: range | None = None
                   time.perf_counter() - started, extras={"final_state": state})
 
 
+#: The history's columns. bits: cumulative payload bits one worker sent. compression_error: the relative error
+#: of the applied update against the exact mean of the step's gradients, error-feedback memory included
+#: (||update - mean_i g_i|| / ||mean_i g_i||; NaN on steps not measured, see compression_error_every).
+#: memory_norm: sqrt(mean_i ||e_i||^2) of the error-feedback residuals.
 HISTORY_COLUMNS = ["step", "lr", "train_loss", "test_loss", "test_accuracy", "bits", "compression_error",
                    "memory_norm", "skipped_steps", "sim_time"]
 

@@ -48,13 +48,21 @@ def run_id(experiment: Experiment) -> str:
     return f"{experiment.task}-{name}-seed{experiment.seed}-{digest}"
 
 
-def label(overrides: Mapping[str, Any], experiment: Experiment) -> str:
-    """A configuration's name without its seed: the grid point ("rank=2, warm_start=False"), or the compressor."""
+def label(overrides: Mapping[str, Any], experiment: Experiment, dense: bool = False) -> str:
+    """A configuration's name without its seed: the grid point ("rank=2, warm_start=False"), or the compressor;
+    " (dense)" appended when ``dense``: the configuration sends at least the dense bits (``compressors.degenerate``)."""
+    suffix = " (dense)" if dense else ""
     point = {k: v for k, v in overrides.items() if k != "seed"}
     if point:
-        return ", ".join(f"{k.removeprefix('compressor.')}={v}" for k, v in point.items())
+        return ", ".join(f"{k.removeprefix('compressor.')}={v}" for k, v in point.items()) + suffix
     options = ", ".join(f"{k}={v}" for k, v in experiment.compressor.items() if k != "name")
-    return f"{experiment.compressor['name']}({options})" if options else str(experiment.compressor["name"])
+    return (f"{experiment.compressor['name']}({options})" if options else str(experiment.compressor["name"])) + suffix
+
+
+def sends_dense(result) -> bool:
+    """A compressed run (not the identity baseline) that sends at least the dense bits per step."""
+    return (result.experiment.compressor.get("name") != "identity"
+            and result.bits_per_step >= result.dense_bits_per_step > 0)
 
 
 def flatten(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -135,7 +143,7 @@ class ResultsStore:
             "format": FORMAT,
             "run_id": folder.name,
             "index": index,
-            "label": label(overrides, experiment),
+            "label": label(overrides, experiment, dense=sends_dense(result)),
             "overrides": overrides,
             "seed": experiment.seed,
             "config": canonical_config(experiment),

@@ -50,16 +50,22 @@ def sweep(base: Experiment, grid: Mapping[str, Sequence[Any]] | None = None, see
         for key, value in point.items():
             history[key] = [value] * len(history)
         history["seed"] = seed
-        history["run"] = ", ".join(f"{k}={v}" for k, v in point.items()) or "base"
+        history["run"] = (", ".join(f"{k}={v}" for k, v in point.items()) or "base") + (
+            " (dense)" if history.attrs.get("dense") else "")  # sends at least the dense bits
         history["label"] = history["run"]
         tables.append(history)
     return pd.concat(tables, ignore_index=True)
 
 
 def run_history(experiment: Experiment) -> pd.DataFrame:
+    """The run's history; ``attrs["dense"]``: the configuration sends at least the dense bits."""
     from .runner import run
+    from .store import sends_dense
 
-    return run(experiment).history.copy()
+    result = run(experiment)
+    history = result.history.copy()
+    history.attrs["dense"] = sends_dense(result)
+    return history
 
 
 def run_history_or_none(experiment: Experiment) -> pd.DataFrame | None:

@@ -148,7 +148,8 @@ def test_cli_run_and_bad_input(tmp_path, capsys):
     assert main(["run", str(config), "--out", str(tmp_path / "one"), "--set", "compressor.rank=2", "--no-progress"]) == 0
     assert "results in" in capsys.readouterr().out
     table = sim.load_results(tmp_path / "one")
-    assert len(table) == 3 and table["run"].unique().tolist() == ["powersgd(rank=2)"]
+    # a 6 x 12 matrix at rank 2 compresses 2.0x, not above min_compression_rate=2: it is sent dense, and says so
+    assert len(table) == 3 and table["run"].unique().tolist() == ["powersgd(rank=2) (dense)"]
     assert main(["sweep", str(config), "--grid", "compressor.rnak=1,2", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert "rnak" in err and "did you mean 'rank'" in err

@@ -6,15 +6,16 @@
 
 Modules: ``network`` (Network, hierarchical topology, JSON), ``presets`` (named networks with sources),
 ``step_time`` (overlap of communication with backward), ``compute`` (compute and encode/decode time),
-``whatif`` (tables over compressors x workers x networks), ``calibrate`` (fit alpha, beta to real gloo runs).
+``whatif`` (tables over compressors x workers x networks, each time column with its source; ``does_it_pay``
+the compact speedup view), ``calibrate`` (fit alpha, beta to real gloo runs).
 """
 from .compute import ACCELERATORS, ComputeTime, compute_from_flops, measure_codec, measure_compute
 from .network import ALGORITHMS, Network
 from .presets import PRESETS, preset, resolve_network
 from .step_time import OVERLAPS, StepTime, price_step, step_time
-from .whatif import time_to_accuracy, whatif
+from .whatif import MODELS, does_it_pay, format_does_it_pay, time_to_accuracy, whatif
 
 __all__ = ["ACCELERATORS", "ComputeTime", "compute_from_flops", "measure_codec", "measure_compute",
            "ALGORITHMS", "Network", "PRESETS", "preset", "resolve_network", "OVERLAPS", "StepTime",
-           "price_step", "step_time", "whatif", "time_to_accuracy"]
+           "price_step", "step_time", "whatif", "time_to_accuracy", "MODELS", "does_it_pay", "format_does_it_pay"]
 

@@ -15,7 +15,8 @@ Neural Language Models", 2020, sec. 2.1). Real training reaches a fraction of th
 default 0.4: an assumption in the range reported for convnet training; measure for anything that matters).
 FLOPs are counted by ``torch.utils.flop_counter`` (matmuls and convolutions; QR and elementwise ops count 0,
 so an encode/decode priced from FLOPs also pays ``memory_passes`` reads+writes of the gradient at the memory
-bandwidth).
+bandwidth). Counting is deterministic; ``measure_*`` read this machine's clock (``sim.whatif`` uses them only
+when asked, or when the compute itself is measured here). An exact aggregator's encode/decode is 0 in both.
 """
 from __future__ import annotations
 
@@ -79,7 +80,9 @@ class ComputeTime:
 
 
 def forward_flops(module: torch.nn.Module, example_input: torch.Tensor) -> float:
-    """FLOPs of one forward pass on ``example_input`` (the whole batch)."""
+    """FLOPs of one forward pass on ``example_input`` (the whole batch), counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` (2 per multiply-add of matmuls and convolutions). Works on the
+    meta device (nothing is computed), so any ``nn.Module`` with an example input can be counted cheaply."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(example_input)
     return float(counter.get_total_flops())
@@ -136,13 +139,16 @@ def _one_step(aggregator, shapes, seed: int):
 
 def measure_codec(aggregator, shapes, repeats: int = 3, seed: int = 0) -> float:
     """Encode + decode seconds of one step on this machine: one worker's ``aggregate`` (its collective is a
-    no-op copy), minus the exact mean's (packing), floored at 0. Warm-up steps are run through first."""
+    no-op copy), minus the exact mean's (packing), floored at 0; exactly 0 for an exact aggregator. Warm-up
+    steps are run through first. A clock on this machine: noisy on a shared CPU, and not the target GPU."""
     from compressors import make
 
     def seconds(agg):
         step = _one_step(agg, shapes, seed)
         return _median_seconds(step, repeats)
 
+    if is_exact(aggregator, shapes):
+        return 0.0
     return max(0.0, seconds(aggregator) - seconds(make("identity")))
 
 
@@ -154,13 +160,22 @@ def codec_flops(aggregator, shapes, seed: int = 0) -> float:
     return float(counter.get_total_flops())
 
 
+def is_exact(aggregator, shapes) -> bool:
+    """True when the aggregator declares the exact mean on these shapes (identity, or nothing compressed): it
+    encodes nothing, so its encode/decode time is 0 by definition, whatever a clock or counter says."""
+    try:
+        return aggregator.theory(shapes).kind == "exact"
+    except NotImplementedError:
+        return False
+
+
 def codec_from_flops(aggregator, shapes, name: str, precision: str = "fp32", utilization: float = UTILIZATION,
                      memory_passes: int = MEMORY_PASSES) -> float:
-    """flops / (rate u) + passes * dense bytes / memory bandwidth; 0 for an aggregator that sends the dense
-    gradient (nothing to encode)."""
-    dense_bits = sum(_numel(s) for s in shapes.values()) * 32
-    if aggregator.bits_per_step(shapes) >= dense_bits:
+    """flops / (rate u) + passes * dense bytes / memory bandwidth on accelerator ``name``; exactly 0 for an
+    aggregator that declares the exact mean (nothing to encode). Deterministic: a count, not a clock."""
+    if is_exact(aggregator, shapes):
         return 0.0
+    dense_bits = sum(_numel(s) for s in shapes.values()) * 32
     device = accelerator(name)
     rate = device.flop_rate(precision) * utilization
     return codec_flops(aggregator, shapes) / rate + memory_passes * dense_bits / 8 / (device.memory_gbs * 1e9)
