@@ -280,7 +280,7 @@ class RankedPowerSGD(Aggregator):
     def metrics(self, state) -> dict[str, float]:
         """The ``rank`` history column (``RankControl.metrics``); NaN during a dense warm-up."""
         if self.steps > 0:
-            if state.step < self.steps:
+            if state.step <= self.steps:  # the last step taken (state.step - 1) was a dense one
                 return {"rank": math.nan}
             state = state.inner
         inner = state.compressed
