@@ -43,8 +43,9 @@ class Experiment:
     seed: int = 0
     eval_every: int = 50  # evaluate on the test split every this many steps (and at the last step); 0: last only
     log_every: int = 1
-    # "auto": the loop engine for models with convolutions, BatchNorm or nn.LSTM/GRU, vmap otherwise (a static
-    # rule, so the same experiment always uses the same engine: ``sim.engine.resolve_engine``).
+    # "auto": the loop engine for models with convolutions, BatchNorm, embeddings or recurrent layers, vmap
+    # otherwise (a static rule on the model, never a timing, so the same experiment always uses the same engine:
+    # ``sim.engine.resolve_engine``). "vmap" / "loop" force one.
     engine: str = "auto"
     dtype: str = "float32"
     network: Any = None  # None, a preset name, a dict or a sim.cost.Network: adds a `sim_time` column
