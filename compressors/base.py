@@ -18,7 +18,7 @@ import torch
 Shapes = Mapping[str, tuple[int, ...]]
 Grads = Mapping[str, torch.Tensor]
 
-TheoryClass = Literal["exact", "unbiased", "contractive", "biased"]
+TheoryClass = Literal["exact", "unbiased", "contractive", "nonexpansive", "biased"]
 
 
 class Comm(Protocol):
@@ -48,17 +48,35 @@ class Reduced(NamedTuple):
 
 @dataclass(frozen=True)
 class TheoryClaim:
-    """What a compressor promises, checked by the property suite against ``theory``.
+    """What a compressor promises, checked by the property suite (``tests/test_theory_adversarial.py``).
 
-    kind: "exact" (C(x) = x), "unbiased" (E C(x) = x, E||C(x)-x||^2 <= omega ||x||^2),
-          "contractive" (||C(x)-x||^2 <= (1-delta) ||x||^2, deterministic or in expectation),
-          "biased" (neither: e.g. plain sign, whose scale is arbitrary).
+    kind: "exact" (C(x) = x),
+          "unbiased" (E C(x) = x, E||C(x)-x||^2 <= omega ||x||^2),
+          "contractive" (||C(x)-x||^2 <= (1-delta) ||x||^2 with 0 < delta <= 1, deterministically or, when
+          ``deterministic`` is False, in expectation over this step's fresh randomness),
+          "nonexpansive" (||C(x)-x||^2 <= ||x||^2 for every x, deterministically, and nothing more: delta = 0,
+          no contraction an error-feedback analysis could use; e.g. a projection onto a subspace chosen from
+          earlier steps, as warm-started PowerSGD),
+          "biased" (none of these: e.g. plain sign, whose scale is arbitrary).
+    deterministic: False when the bound holds only in expectation over the randomness the compressor draws in
+          this step; the input must not depend on that draw (earlier draws are fine: error feedback).
+    magnitudes: (low, high) when the bound needs every nonzero |x_j| in [low, high] (a cast's normal range);
+          None when it holds for every finite input whose squared norm neither overflows nor underflows the
+          working dtype (every claim is stated in exact arithmetic, up to that dtype's rounding).
+    per_worker: True when each worker's own message C_i(x_i) obeys the bound on x_i (what "local" error
+          feedback needs for each worker's memory); False when only the update, as a function of the
+          workers' mean x = mean_i x_i, does (PowerSGD: one projection, chosen from the mean, applied to every
+          x_i, which is then only nonexpansive on each x_i).
+    premise: the conditions in words (options, state), as listed in docs/theory_claims.md.
     """
 
     kind: TheoryClass
     omega: float | None = None
     delta: float | None = None
     deterministic: bool = True
+    magnitudes: tuple[float, float] | None = None
+    per_worker: bool = True
+    premise: str = ""
 
 
 class Aggregator(ABC):

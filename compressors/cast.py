@@ -41,7 +41,12 @@ class Cast(Aggregator):
         return sum(numel(tuple(s)) for s in shapes.values()) * torch.finfo(self.dtype).bits
 
     def theory(self, shapes):
-        return TheoryClaim(kind="contractive", delta=operators.cast_delta(self.dtype), deterministic=True)
+        # Only inside the 16-bit dtype's normal range: below it a coordinate loses relative accuracy (fp16
+        # flushes |x| < 3e-8 to 0: delta(x) = 0), above it the cast gives inf.
+        info = torch.finfo(self.dtype)
+        return TheoryClaim(kind="contractive", delta=operators.cast_delta(self.dtype), deterministic=True,
+                           magnitudes=(info.tiny, info.max),
+                           premise=f"every nonzero |x_j| in {self.name}'s normal range")
 
     def __repr__(self):
         return f"Cast({self.name!r})"

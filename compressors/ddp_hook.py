@@ -19,14 +19,13 @@ of communication with the rest of the backward pass; the hook returns an already
 DDP rebuilds its buckets once after the first iteration (gradient-ready order). With ``model=`` a bucket
 keeps its state when only its order changed; otherwise a bucket whose parameters changed gets a fresh state.
 """
-import importlib  # no `from __future__ import annotations`: DDP inspects the hook's real return annotation
+# No `from __future__ import annotations`: DDP inspects the hook's real return annotation.
 from typing import Any
 
 import torch
 
 from .base import Aggregator
-
-_NAMEDTUPLE = "__namedtuple__"
+from .serialization import check_same_structure, digest, from_plain, to_plain
 
 
 class HookState:
@@ -105,18 +104,24 @@ class HookState:
         entry["params"] = ids
         return entry
 
+    #: Version of ``state_dict``'s layout; 2: registered record tags and a checksum (older ones are refused).
+    FORMAT_VERSION = 2
+
     def state_dict(self) -> dict[str, Any]:
-        """Plain containers of tensors (loads with ``torch.load(..., weights_only=True)``)."""
-        return {"seed": self.seed, "calls": self.calls,
+        """Plain containers of tensors (loads with ``torch.load(..., weights_only=True)``), with a SHA-256
+        ``checksum`` of everything else (``compressors.serialization.digest``)."""
+        body = {"format_version": self.FORMAT_VERSION, "seed": self.seed, "calls": self.calls,
                 "buckets": [{"key": list(k) if isinstance(k, tuple) else k, "shapes": [list(s) for s in e["shapes"]],
                              "state": to_plain(e["state"])} for k, e in self.buckets.items()]}
+        return {**body, "checksum": digest(body)}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
-        self.seed = saved["seed"]
-        self.calls = saved["calls"]
-        self.buckets = {(tuple(b["key"]) if isinstance(b["key"], list) else b["key"]):
-                        {"shapes": tuple(tuple(s) for s in b["shapes"]), "params": None, "state": from_plain(b["state"])}
-                        for b in saved["buckets"]}
+        """Restore ``state_dict()``'s output. Untrusted input: records are rebuilt only from registered types,
+        the checksum is verified, and every bucket's state must have the structure (record types, keys, shapes,
+        dtypes) that this aggregator's fresh state for that bucket has; anything else is a ValueError naming it.
+        Nothing is changed unless all of it is valid."""
+        seed, calls, buckets = _checked_hook_state(saved, self.aggregator, named=self.names is not None)
+        self.seed, self.calls, self.buckets = seed, calls, buckets
 
 
 def ddp_comm_hook(aggregator: Aggregator | str, *, seed: int = 0, process_group=None, timeout: float = 60.0,
@@ -164,39 +169,79 @@ def hook(state: HookState, bucket) -> torch.futures.Future[torch.Tensor]:
     return future
 
 
-# -- plain containers for checkpoints ------------------------------------------------------------------------
-def to_plain(value: Any) -> Any:
-    """Nested aggregator state -> dicts/lists/tensors/numbers only; NamedTuples keep their type's name."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        kind = type(value)
-        return {_NAMEDTUPLE: f"{kind.__module__}:{kind.__qualname__}",
-                "fields": {f: to_plain(getattr(value, f)) for f in value._fields}}
-    if isinstance(value, (tuple, list)):
-        return type(value)(to_plain(v) for v in value)
-    if isinstance(value, dict):
-        if not all(isinstance(k, str) for k in value) or _NAMEDTUPLE in value:
-            raise ValueError(f"state: dict keys must be strings other than {_NAMEDTUPLE!r}, got {list(value)}")
-        return {k: to_plain(v) for k, v in value.items()}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise ValueError(f"state: a value of type {type(value).__name__} cannot be checkpointed; allowed: tensors, "
-                     "numbers, strings, None, and tuples/lists/dicts/NamedTuples of them")
+# -- loading a saved hook state (untrusted data) ---------------------------------------------------------------
+_HOOK_KEYS = ("format_version", "seed", "calls", "buckets", "checksum")
 
 
-def from_plain(value: Any) -> Any:
-    """Inverse of ``to_plain``; NamedTuple types are looked up only in this project's packages."""
-    if isinstance(value, dict) and _NAMEDTUPLE in value:
-        module, _, qualname = value[_NAMEDTUPLE].partition(":")
-        if module.split(".")[0] not in ("compressors", "sim"):
-            raise ValueError(f"state: type {value[_NAMEDTUPLE]!r} is invalid; allowed: types from compressors or sim")
-        kind: Any = importlib.import_module(module)
-        for part in qualname.split("."):
-            kind = getattr(kind, part)
-        return kind(**{f: from_plain(v) for f, v in value["fields"].items()})
-    if isinstance(value, (tuple, list)):
-        return type(value)(from_plain(v) for v in value)
-    if isinstance(value, dict):
-        return {k: from_plain(v) for k, v in value.items()}
-    return value
+def _hook_error(what: str) -> ValueError:
+    return ValueError(f"HookState.load_state_dict: {what}")
+
+
+def _checked_hook_state(saved: Any, aggregator: Aggregator, named: bool) -> tuple[int, int, dict[Any, dict]]:
+    """(seed, calls, buckets) from a ``state_dict()``, validated; ValueError naming the first problem."""
+    if type(saved) is not dict:
+        raise _hook_error(f"a {type(saved).__name__} is invalid; allowed: the dict HookState.state_dict() returns")
+    if saved.get("format_version") != HookState.FORMAT_VERSION:
+        raise _hook_error(f"format_version={saved.get('format_version')!r} is invalid; allowed: "
+                          f"{HookState.FORMAT_VERSION} (state dicts of this version, with a checksum)")
+    if set(saved) != set(_HOOK_KEYS):
+        raise _hook_error(f"keys {sorted(map(str, saved))} are invalid; allowed: exactly {sorted(_HOOK_KEYS)}")
+    body = {k: saved[k] for k in _HOOK_KEYS[:-1]}
+    try:
+        intact = saved["checksum"] == digest(body)  # digest refuses unexpected types and deep nesting itself
+    except ValueError as error:
+        raise _hook_error(str(error)) from None
+    if not intact:
+        raise _hook_error("checksum mismatch: the state was altered or corrupted after it was saved")
+    seed, calls, buckets = body["seed"], body["calls"], body["buckets"]
+    for field, value in (("seed", seed), ("calls", calls)):
+        if type(value) is not int or value < 0:
+            raise _hook_error(f"{field}={value!r} is invalid; allowed: an integer >= 0")
+    if type(buckets) is not list:
+        raise _hook_error(f"buckets is a {type(buckets).__name__}; allowed: a list")
+    out: dict[Any, dict] = {}
+    for i, bucket in enumerate(buckets):
+        key, entry = _checked_bucket(bucket, f"buckets[{i}]", aggregator, seed, named)
+        if key in out:
+            raise _hook_error(f"buckets[{i}].key={bucket['key']!r} is invalid; allowed: a key not used before")
+        out[key] = entry
+    return seed, calls, out
+
+
+def _checked_bucket(bucket: Any, where: str, aggregator: Aggregator, seed: int, named: bool):
+    if type(bucket) is not dict or set(bucket) != {"key", "shapes", "state"}:
+        raise _hook_error(f"{where} is invalid; allowed: a dict with exactly the keys key, shapes, state")
+    key, shapes = bucket["key"], bucket["shapes"]
+    if named:
+        if type(key) is not list or not key or not all(type(n) is str for n in key) or len(set(key)) != len(key):
+            raise _hook_error(f"{where}.key={key!r} is invalid; allowed: a non-empty list of distinct parameter "
+                              "names (the hook was built with model=)")
+    elif type(key) is not int or key < 0:
+        raise _hook_error(f"{where}.key={key!r} is invalid; allowed: a bucket index >= 0 (the hook was built "
+                          "without model=)")
+    if type(shapes) is not list or not all(type(s) is list and all(type(d) is int and d >= 0 for d in s)
+                                           for s in shapes):
+        raise _hook_error(f"{where}.shapes is invalid; allowed: a list of shapes (lists of integers >= 0)")
+    names = list(key) if named else [str(j) for j in range(len(shapes))]
+    if len(names) != len(shapes):
+        raise _hook_error(f"{where}: {len(shapes)} shapes for {len(names)} parameter names; allowed: one each")
+    try:
+        state = from_plain(bucket["state"], f"{where}.state")
+        like = next((t for t in _tensors(state) if t.is_floating_point()), torch.empty(0))
+        fresh = aggregator.init({n: tuple(s) for n, s in zip(names, shapes)}, workers=1, seed=seed, dtype=like.dtype)
+        check_same_structure(state, fresh, f"{where}.state")
+    except ValueError as error:
+        raise _hook_error(str(error)) from None
+    return (tuple(key) if named else key), {"shapes": tuple(tuple(s) for s in shapes), "params": None, "state": state}
+
+
+def _tensors(tree):
+    """Every tensor of a nested state, in order (records, dicts, lists, tuples)."""
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from _tensors(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _tensors(v)

@@ -22,16 +22,19 @@ Conservation (local and averaged, linear decoders): sum_t update_t + mean_i e_i 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
 
-from .base import Aggregator, Reduced, TheoryClaim, check_grads
+from .base import Aggregator, Reduced, check_grads
 from .options import check_choice
+from .serialization import register_record
 
 ERROR_FEEDBACK_MODES = ("none", "local", "averaged", "ef21", "local_scaled")
 
 
+@register_record
 class ErrorFeedbackState(NamedTuple):
     memory: dict[str, torch.Tensor]  # (k, *shape): residual e_i ("local"/"averaged") or estimate g_i ("ef21")
     estimate: dict[str, torch.Tensor]  # (*shape): ef21's global g = mean_i g_i; empty for the other modes
@@ -104,7 +107,9 @@ class ErrorFeedback(Aggregator):
         a contraction (in expectation) with delta = 1 / (1 + omega)."""
         claim = self.inner.theory(shapes)
         if self.mode == "local_scaled" and claim.kind == "unbiased" and claim.omega:
-            return TheoryClaim("contractive", delta=1.0 / (1.0 + claim.omega), deterministic=False)
+            # same premise (magnitude range, per worker) as the unbiased bound it is derived from
+            return dataclasses.replace(claim, kind="contractive", delta=1.0 / (1.0 + claim.omega), omega=None,
+                                       deterministic=False)
         return claim
 
     def __repr__(self):

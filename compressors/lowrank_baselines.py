@@ -29,6 +29,7 @@ from .base import Aggregator, Reduced, TheoryClaim, check_grads, dtype_bits, mat
 from .encoding import GatherKernel, compute_dtype, generator_from, shared_generator_state
 from .packing import pack, unpack
 from .quantize import StochasticQuantizer
+from .serialization import register_record
 
 
 def as_matrices(x: torch.Tensor) -> torch.Tensor:
@@ -85,6 +86,7 @@ class SVD(GatherKernel):
         return f"SVD(rank={self.rank})"
 
 
+@register_record
 class SketchState(NamedTuple):
     rng: torch.Tensor  # the shared generator's state (uint8), identical on every worker
 

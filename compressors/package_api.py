@@ -40,11 +40,11 @@ from typing import Any
 
 import torch
 
-from .ddp_hook import from_plain, to_plain
 from .options import MAX_SEED, check_choice, check_float, check_int
 from .orthogonalize import ORTHOGONALIZATIONS
 from .package_kernel import PackagePowerSGDKernel
 from .policies import compose
+from .serialization import from_plain, to_plain
 
 _ORTH_ALIASES = {"gram-schmidt": "gram_schmidt"}  # the hyphenated spelling is accepted too
 

@@ -11,8 +11,10 @@ import torch
 
 from .base import Aggregator, Reduced, TheoryClaim, dtype_bits, numel
 from .identity import Identity
+from .serialization import register_record
 
 
+@register_record
 class WarmupState(NamedTuple):
     step: int
     inner: object
@@ -68,6 +70,7 @@ def compression_rule(kernel: Aggregator, min_compression_rate: float, compress_v
     return should_compress
 
 
+@register_record
 class PartitionState(NamedTuple):
     compressed: object
     uncompressed: object

@@ -21,13 +21,17 @@ from typing import NamedTuple
 
 import torch
 
+from theory import lowrank
+
 from .base import Aggregator, Reduced, TheoryClaim, check_grads, dtype_bits, matrix_view_shape
 from .orthogonalize import orthogonalize
 from .packing import pack, unpack
+from .serialization import register_record
 
 VARIANTS = ("paper", "alternating")
 
 
+@register_record
 class PowerSGDState(NamedTuple):
     step: int  # compressed steps taken so far (the alternating variant's parity)
     rng: torch.Tensor  # state of the generator shared by all workers (uint8)
@@ -306,22 +310,71 @@ class PowerSGDKernel(Aggregator):
         return bits if self.variant == "paper" else bits / 2
 
     def theory(self, shapes):
-        # Projection onto an r-dimensional subspace: ||C(x) - x|| <= ||x|| (delta >= 0), with
-        # delta >= r/min(n, m) in expectation for a random subspace; no deterministic delta > 0 holds.
-        # the worst tensor (largest min(n, m)) sets delta: tensor by tensor, delta is the smallest per-tensor one
+        """The class PowerSGD has on these shapes: the weakest of its matrices' classes (``_matrix_claim``).
+
+        Every variant applies, per matrix, projections onto subspaces with orthonormal (QR) or shrunk
+        orthogonal (Gram-Schmidt, columns divided by norm + epsilon) bases: ||C(x) - x|| <= ||x|| always. A
+        positive delta needs fresh randomness this step (``warm_start=False``) and an exact orthonormal basis
+        (QR; Gram-Schmidt divides by norm + epsilon, and with epsilon = 0 a rank-deficient P gives NaN). With
+        warm start the subspace comes from earlier steps and an input orthogonal to it loses everything
+        (after M1 = e1 f1^T + e2 f2^T, the input 10 (e3 f3^T + e4 f4^T) + 0.01 M1 keeps delta ~ 1e-6 at
+        rank 2, for any number of iterations); with epsilon > 0 an input of tiny scale (|x| ~ 1e-12) keeps
+        its share only up to ||P||/(||P|| + epsilon).
+        """
         return self.theory_at_ranks(shapes, None)
 
     def theory_at_ranks(self, shapes, ranks) -> TheoryClaim:
-        """The claim with other ranks ({name: rank}, one rank, or None for the configured ones): delta is the
-        smallest per-tensor r / min(n, m)."""
+        """``theory`` with other ranks than the configured ones ({name: rank}, one rank, or None)."""
         ranks = self.ranks(shapes) if ranks is None else ranks
         rank_of = (lambda name: ranks) if isinstance(ranks, int) else (lambda name: ranks[name])
-        sides = {name: min(matrix_view_shape(tuple(s))) for name, s in shapes.items()}
-        full = all(rank_of(name) >= side for name, side in sides.items())
-        if full and self.variant == "paper":
-            return TheoryClaim(kind="exact", omega=0.0, delta=1.0)
-        delta = min((min(1.0, rank_of(name) / side) for name, side in sides.items()), default=1.0)
-        return TheoryClaim(kind="contractive", delta=delta, deterministic=False)
+        per_matrix = [self._matrix_claim(*matrix_view_shape(tuple(s)), rank=rank_of(name))
+                      for name, s in shapes.items()]
+        if not per_matrix or all(c.kind == "exact" for c in per_matrix):
+            return TheoryClaim(kind="exact", omega=0.0, delta=1.0,
+                               deterministic=all(c.deterministic for c in per_matrix),
+                               per_worker=all(c.per_worker for c in per_matrix),
+                               premise="; ".join(sorted({c.premise for c in per_matrix if c.premise})))
+        weakest = [c for c in per_matrix if c.kind == "nonexpansive"] or [c for c in per_matrix if c.kind != "exact"]
+        delta = None if weakest[0].kind == "nonexpansive" else min(c.delta for c in weakest)
+        return TheoryClaim(kind=weakest[0].kind, delta=delta, deterministic=weakest[0].deterministic,
+                           per_worker=all(c.per_worker for c in per_matrix), premise=weakest[0].premise)
+
+    def _matrix_claim(self, n: int, m: int, rank: int | None = None) -> TheoryClaim:
+        """The class of one n x m matrix at rank r = min(rank, n, m).
+
+        - exact: "paper" with an exact basis and r = n (P^ is a square orthogonal matrix, for every start),
+          or r = m cold-started (span P^ = range(mean M Omega) = range(mean M) almost surely: exact on the
+          mean, not on each worker's M_i); "alternating" with an exact basis and r = n = m.
+        - contractive in expectation, cold start, exact basis: "paper" (any number of iterations t) or
+          "alternating" with t >= 2 (its first two iterations leave the same (I - P^P^^T) M as one "paper"
+          iteration, later ones only shrink the residual): delta = r/min(n, m) on the workers' mean
+          (``theory.lowrank.range_finder_delta``, tight for a flat spectrum); "alternating" with t = 1
+          projects each worker's M_i onto a fresh random subspace of R^m (even steps) or R^n (odd steps):
+          delta = r/max(n, m), for each worker (``theory.lowrank.random_subspace_delta``).
+        - nonexpansive otherwise (warm start, or Gram-Schmidt): delta = 0 in the worst case.
+        """
+        r = min(self.rank if rank is None else rank, n, m)
+        exact_basis = self.orthogonalization == "qr"  # Gram-Schmidt: shrunk columns (epsilon > 0) or NaN (0)
+        cold = not self.warm_start
+        paper = self.variant == "paper"
+        if exact_basis and paper and r >= n:
+            return TheoryClaim(kind="exact", omega=0.0, delta=1.0, premise="rank >= rows: P^ is square orthogonal")
+        if exact_basis and paper and r >= m and cold:
+            return TheoryClaim(kind="exact", omega=0.0, delta=1.0, deterministic=False, per_worker=False,
+                               premise="cold start, rank >= columns: exact on the workers' mean, almost surely")
+        if exact_basis and not paper and r >= n and r >= m:
+            return TheoryClaim(kind="exact", omega=0.0, delta=1.0, premise="rank >= rows and columns")
+        if not (exact_basis and cold):
+            why = "warm start" if self.warm_start else "Gram-Schmidt orthogonalization"
+            return TheoryClaim(kind="nonexpansive", per_worker=True,
+                               premise=f"{why}: a projection, no worst-case contraction")
+        if not paper and self.num_iters_per_step == 1:
+            return TheoryClaim(kind="contractive", delta=lowrank.random_subspace_delta(max(n, m), r),
+                               deterministic=False,
+                               premise="cold start, alternating, one iteration: a fresh random subspace")
+        return TheoryClaim(kind="contractive", delta=lowrank.range_finder_delta(n, m, r), deterministic=False,
+                           per_worker=False,
+                           premise="cold start, exact basis: in expectation, on the workers' mean")
 
     def __repr__(self):
         return (f"PowerSGDKernel(rank={self.rank}, num_iters_per_step={self.num_iters_per_step}, "

@@ -26,9 +26,11 @@ from theory import operators
 
 from .base import TheoryClaim, numel
 from .encoding import GatherKernel, compute_dtype, pack_bits, packed_numel, private_generators, unpack_bits
+from .serialization import register_record
 from .signs import decode_signs, encode_signs
 
 
+@register_record
 class PrivateRngState(NamedTuple):
     seed: int  # worker w's generator at step t is seeded with a hash of (seed, w, t): ``private_seed``
     step: int
@@ -206,7 +208,11 @@ class Natural(StochasticQuantizer):
         return values.to(dtype).reshape(code.shape[0], *shape)
 
     def theory(self, shapes):
-        return TheoryClaim(kind="unbiased", omega=operators.natural_omega(), deterministic=False)
+        # The 8-bit exponent code spans float32's normal range only: below 2^-126 the neighbours are 0 and
+        # 2^-126 (variance ~ |x| 2^-126 >> x^2), above 2^127 the code saturates.
+        return TheoryClaim(kind="unbiased", omega=operators.natural_omega(), deterministic=False,
+                           magnitudes=(2.0 ** -126, 2.0 ** 127),
+                           premise="every nonzero |x_j| in float32's normal range")
 
     def __repr__(self):
         return "Natural()"

@@ -22,6 +22,7 @@ from theory import operators
 
 from .base import TheoryClaim, numel
 from .encoding import GatherKernel, compute_dtype, pack_bits, packed_numel, unpack_bits
+from .serialization import register_record
 
 
 def encode_signs(flat: torch.Tensor) -> torch.Tensor:
@@ -85,6 +86,7 @@ class ScaledSign(GatherKernel):
         return "ScaledSign()"
 
 
+@register_record
 class SignumState(NamedTuple):
     momentum: dict[str, torch.Tensor]  # (W, *shape): each worker's own momentum m_i
 

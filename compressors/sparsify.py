@@ -23,6 +23,7 @@ from theory import operators
 from .base import Aggregator, Reduced, TheoryClaim, check_grads, dtype_bits, numel
 from .encoding import GatherKernel, generator_from, shared_generator_state
 from .packing import pack, unpack
+from .serialization import register_record
 
 
 class Sparsity:
@@ -76,6 +77,7 @@ class TopK(GatherKernel):
         return f"TopK({self.sparsity.describe()})"
 
 
+@register_record
 class SharedRngState(NamedTuple):
     rng: torch.Tensor  # state of the generator every worker holds identically (uint8)
 

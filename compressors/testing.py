@@ -51,7 +51,7 @@ SHAPES = {"w": (6, 5), "conv": (4, 2, 3, 3), "b": (6,), "big": (16, 12)}
 #: Tiny shapes for the check at registration (a matrix and a vector).
 TINY_SHAPES = {"w": (3, 2), "b": (3,)}
 WORKERS = 3
-THEORY_KINDS = ("exact", "unbiased", "contractive", "biased")
+THEORY_KINDS = ("exact", "unbiased", "contractive", "nonexpansive", "biased")
 FRESH_DRAWS = 100  # first steps with seeds 0..FRESH_DRAWS-1 for in-expectation claims
 MARKOV = 200.0  # a correct claim fails a Markov check with probability <= 1/MARKOV per fresh seed list
 # A value for options that have no usable default (None meaning "choose one", or no default at all).
@@ -185,6 +185,9 @@ def check_theory_declared(agg, shapes=SHAPES, workers=WORKERS, owner="compressor
     if claim.kind == "exact":
         _require(claim.omega in (None, 0.0) and claim.delta in (None, 1.0), owner, check,
                  f"an exact claim has omega 0 and delta 1, got {claim!r}")
+    if claim.kind == "nonexpansive":  # ||C(x) - x|| <= ||x|| for every x: delta = 0, stated by no number
+        _require(claim.delta is None and claim.deterministic, owner, check,
+                 f"a nonexpansive claim is deterministic and has no delta, got {claim!r}")
     return claim
 
 
@@ -282,8 +285,9 @@ def check_theory_holds(agg, shapes=SHAPES, workers=WORKERS, owner="compressor") 
             cx = torch.cat([update[n].reshape(-1) for n in shapes])
             xs = torch.cat([inputs[n][0].reshape(-1) for n in shapes])
             delta = operators.delta_of(xs, cx)
-            _require(delta >= claim.delta - 1e-9, owner, check,
-                     f"claims a contraction with delta={claim.delta}, but delta(x) = {delta:.6g} on a fresh input")
+            floor = claim.delta if claim.kind == "contractive" else 0.0  # nonexpansive: delta(x) >= 0
+            _require(delta >= floor - 1e-9, owner, check,
+                     f"claims {claim.kind} with delta={floor}, but delta(x) = {delta:.6g} on a fresh input")
             continue
         for n in shapes:
             total[n] += update[n]

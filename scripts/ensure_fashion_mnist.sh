@@ -20,5 +20,5 @@ fi
 have_files && exit 0
 echo "Fashion-MNIST files not found in $dir. To get them, run as root:" >&2
 echo "    apt-get update && apt-get install dataset-fashion-mnist" >&2
-echo "or point task_options.data_dir at a folder holding the four IDX files (see docs/datasets.md)." >&2
+echo "or point task_options.data_dir at a folder holding the four IDX files (README.md, section 'Two commands')." >&2
 exit 0

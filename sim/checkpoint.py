@@ -1,7 +1,7 @@
-"""Checkpoints of a simulated run: written atomically, versioned, tied to the experiment that wrote them.
+"""Checkpoints of a simulated run: written atomically, checksummed, validated on load, one directory per run.
 
     sim.run(experiment, checkpoint_dir="ckpt", checkpoint_every=100)   # checkpoint-000000100.pt, ...
-    sim.run(experiment, resume_from="ckpt")                            # continues from the latest one
+    sim.run(experiment, resume_from="ckpt")                            # continues from the latest valid one
 
 A checkpoint holds everything the loop carries (``TrainState``: parameters, per-worker buffers, optimizer
 momentum, the compressor's nested state with error-feedback memory, warm-start factors and generator
@@ -11,37 +11,42 @@ history equals the uninterrupted run's bitwise.
 
 Atomicity: the payload is written to a hidden temporary file in the same directory, flushed and fsynced,
 then renamed over the final name with ``os.replace`` (atomic on POSIX and Windows). A crash mid-write
-leaves at worst a stray ``.*.tmp`` file, which ``latest`` ignores; earlier checkpoints are untouched.
+leaves at worst a stray ``.*.tmp`` file, which ``latest`` ignores and the next write of the same process's
+files removes; earlier checkpoints are untouched.
 
-The file is a ``torch.save`` of plain containers only (dicts, lists, tuples, numbers, strings, tensors;
-NamedTuples become tagged dicts, see ``compressors.ddp_hook.to_plain``), so it loads with
-``torch.load(weights_only=True)``: opening a checkpoint never runs arbitrary pickled code.
+Loading never runs anything named by the file: it is a ``torch.save`` of plain containers (dicts, lists,
+tuples, numbers, strings, tensors; state records become tagged dicts rebuilt only from the registry of
+``compressors.serialization``), read with ``torch.load(weights_only=True)``, and validated before use
+(``sim.checkpoint_schema``: checksum, keys, experiment, step, rows, ledger, and the state's structure against
+a fresh ``initial_state()``). A directory's newest invalid file is skipped with a warning for the newest valid
+one. A directory belongs to one configuration: ``claim`` writes ``experiment.json`` there on first use and
+refuses any other configuration afterwards, before any work.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
+import time
+import warnings
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
-from compressors.ddp_hook import from_plain, to_plain
 from compressors.options import check_int
+from compressors.serialization import digest, to_plain
+from .checkpoint_schema import (FORMAT_VERSION, Checkpoint, body_of, check_state, checked_rows, experiment_differences,
+                                validate)
 from .collective import Ledger, LedgerRecord
 from .experiment import Experiment
 
-FORMAT_VERSION = 1
 KEEP = 2  # checkpoints kept per directory (the newest); older ones are removed after a successful write
+MANIFEST = "experiment.json"  # the configuration a checkpoint directory belongs to
+MAX_MANIFEST_BYTES = 1 << 20
 _NAME = re.compile(r"^checkpoint-(\d{9})(-w\d+-\d+)?\.pt$")
-
-
-class Checkpoint(NamedTuple):
-    step: int
-    state: Any  # sim.runner.TrainState
-    rows: list[dict[str, float]]  # history rows logged up to and including ``step``
-    ledger: dict[str, Any]  # {"calls", "total_bits", "records"} of the run's collective
+_TEMPORARY = re.compile(r"^\.checkpoint-\d{9}(-w\d+-\d+)?\.pt\.\d+\.tmp$")  # what ``save`` writes first
 
 
 def _workers_part(local_workers: range | None, workers: int) -> str:
@@ -70,15 +75,82 @@ def check_options(checkpoint_dir, checkpoint_every, resume_from) -> None:
         raise ValueError(f"run: resume_from={resume_from!r} is invalid; allowed: a checkpoint directory or file path")
 
 
+# -- the directory ---------------------------------------------------------------------------------------
+def claim(directory, experiment: Experiment) -> Path:
+    """Make ``directory`` this configuration's checkpoint directory, before any work; ValueError otherwise.
+
+    Creates it, checks that files can be written there, and writes ``experiment.json`` (the configuration)
+    unless present. A directory already holding another configuration's ``experiment.json`` is refused,
+    naming the differing fields: two runs sharing a directory would otherwise prune each other's checkpoints.
+    Checkpoint files without an ``experiment.json`` (written by something else) are refused too.
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-probe.{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"run: checkpoint_dir={str(directory)!r} is invalid; allowed: a writable directory "
+                         f"({type(error).__name__}: {error})") from error
+    manifest = directory / MANIFEST
+    if not manifest.exists():
+        strays = [p.name for p in directory.iterdir() if _NAME.match(p.name)]
+        if strays:
+            raise ValueError(f"run: checkpoint_dir={str(directory)!r} is invalid; allowed: an empty directory or one "
+                             f"this configuration wrote (it holds {strays[:3]} but no {MANIFEST})")
+        _create_exclusively(manifest, json.dumps(experiment.to_dict(), indent=1, sort_keys=True).encode())
+    saved = _read_manifest(manifest)
+    differing = experiment_differences(saved, experiment)
+    if differing:
+        raise ValueError(f"run: checkpoint_dir={str(directory)!r} is invalid; allowed: a directory of this "
+                         f"configuration (it belongs to another one; {differing})")
+    return directory
+
+
+def _create_exclusively(path: Path, data: bytes) -> None:
+    """Write ``path`` complete or not at all, and never over an existing one (processes may race here)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_bytes(data)
+        try:
+            os.link(temporary, path)  # fails if another process created it first: theirs is then compared
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links: atomic, but the last of racing writers wins
+            if not path.exists():
+                os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _read_manifest(manifest: Path) -> dict[str, Any]:
+    try:
+        with open(manifest, "rb") as f:
+            text = f.read(MAX_MANIFEST_BYTES + 1)
+        saved = json.loads(text) if len(text) <= MAX_MANIFEST_BYTES else None
+    except (OSError, ValueError) as error:
+        raise ValueError(f"checkpoint directory manifest {str(manifest)!r} is unreadable: {error}; allowed: "
+                         "the JSON object sim wrote (remove the directory's checkpoints to start afresh)") from error
+    if type(saved) is not dict:
+        raise ValueError(f"checkpoint directory manifest {str(manifest)!r} is invalid; allowed: a JSON object of "
+                         f"Experiment fields of at most {MAX_MANIFEST_BYTES} bytes")
+    return saved
+
+
 # -- writing -----------------------------------------------------------------------------------------------
 def save(directory, experiment: Experiment, state, rows: list[dict[str, float]], *, ledger: Ledger | None = None,
          local_workers: range | None = None, keep: int = KEEP) -> Path:
-    """Write ``directory/checkpoint-<step>.pt`` atomically and keep only the newest ``keep`` checkpoints."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write ``directory/checkpoint-<step>.pt`` atomically and keep only the newest ``keep`` checkpoints.
+
+    The directory is ``claim``ed first (so a checkpoint never lands among another configuration's), and this
+    process's stale temporary files (left by killed writes, older than this write) are removed."""
+    started = time.time()
+    directory = claim(directory, experiment)
     workers = experiment.workers
     local = local_workers if local_workers is not None else range(workers)
-    payload = {
+    checked_rows(list(rows), experiment, state.step)
+    body = {
         "format_version": FORMAT_VERSION,
         "experiment": to_plain(experiment.to_dict()),
         "local_workers": [local.start, local.stop],
@@ -87,8 +159,10 @@ def save(directory, experiment: Experiment, state, rows: list[dict[str, float]],
         "rows": to_plain(list(rows)),
         "ledger": _ledger_to_plain(ledger),
     }
+    payload = {**body_of(body), "checksum": digest(body_of(body))}
     final = directory / file_name(state.step, local, workers)
     temporary = directory / f".{final.name}.{os.getpid()}.tmp"
+    _remove_stale_temporaries(directory, _workers_part(local, workers), started)
     try:
         with open(temporary, "wb") as f:
             _write(payload, f)
@@ -105,6 +179,19 @@ def save(directory, experiment: Experiment, state, rows: list[dict[str, float]],
 
 def _write(payload: dict, f) -> None:
     torch.save(payload, f)
+
+
+def _remove_stale_temporaries(directory: Path, part: str, started: float) -> None:
+    """Remove ``.checkpoint-*.tmp`` files of these local workers last modified before this write began: only a
+    killed write leaves one (each process writes only its own workers' files, one at a time)."""
+    for path in directory.iterdir():
+        match = _TEMPORARY.match(path.name)
+        if match and (match.group(1) or "") == part:
+            try:
+                if path.stat().st_mtime < started:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -161,7 +248,7 @@ def checkpoints(directory, local_workers: range, workers: int) -> list[tuple[int
 
 
 def latest(directory, local_workers: range | None = None, workers: int | None = None) -> Path | None:
-    """The newest checkpoint in ``directory`` (for these local workers), or None if there is none."""
+    """The newest checkpoint file in ``directory`` (for these local workers), or None if there is none."""
     directory = Path(directory)
     if not directory.is_dir():
         return None
@@ -170,56 +257,84 @@ def latest(directory, local_workers: range | None = None, workers: int | None = 
     return found[-1][1] if found else None
 
 
-def load(path, experiment: Experiment, local_workers: range | None = None) -> Checkpoint:
-    """Read a checkpoint file, or the latest in a directory, written by this very experiment.
-
-    Raises ValueError when there is none, when it is unreadable or of another format version, or when it was
-    written by a different configuration (the message lists each differing field with both values).
-    """
+def read(path, experiment: Experiment, local_workers: range | None = None) -> Checkpoint:
+    """One checkpoint file, checked for everything but the state's structure (``sim.checkpoint_schema``)."""
     local = local_workers if local_workers is not None else range(experiment.workers)
-    path = Path(path)
-    if path.is_dir():
-        found = latest(path, local, experiment.workers)
-        if found is None:
-            raise ValueError(f"run: resume_from={str(path)!r} is invalid; allowed: a directory holding a checkpoint "
-                             f"({file_name(0, local, experiment.workers).replace('000000000', '<step>')}), "
-                             "found none")
-        path = found
-    elif not path.is_file():
-        raise ValueError(f"run: resume_from={str(path)!r} is invalid; allowed: an existing checkpoint file or directory")
+    where = f"checkpoint {str(path)!r}"
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, not a torch file, or holding non-plain objects
-        raise ValueError(f"checkpoint {str(path)!r} is unreadable: {type(error).__name__}: {error}") from error
-    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
-        version = payload.get("format_version") if isinstance(payload, dict) else None
-        raise ValueError(f"checkpoint {str(path)!r}: format_version={version!r} is invalid; "
-                         f"allowed: {FORMAT_VERSION} (this version of sim)")
-    check_same_experiment(from_plain(payload["experiment"]), experiment, path)
-    saved_local = range(*payload["local_workers"])
-    if saved_local != local:
-        raise ValueError(f"checkpoint {str(path)!r} was written for local workers {saved_local}, "
-                         f"this process runs {local}")
-    state = from_plain(payload["state"])
-    return Checkpoint(payload["step"], state, from_plain(payload["rows"]), payload["ledger"])
+        raise ValueError(f"{where} is unreadable: {type(error).__name__}: {_first_line(error)}") from None
+    return validate(payload, experiment, local, where)
 
 
-def check_same_experiment(saved: dict[str, Any], experiment: Experiment, path) -> None:
-    current = experiment.to_dict()
-    differing = [k for k in sorted(set(saved) | set(current))
-                 if k not in saved or k not in current or not _same(saved[k], current[k])]
-    if differing:
-        details = "; ".join(f"{k}: checkpoint {saved.get(k, '<absent>')!r}, experiment {current.get(k, '<absent>')!r}"
-                            for k in differing)
-        raise ValueError(f"checkpoint {str(path)!r} was written by another configuration; "
-                         f"differing fields: {', '.join(differing)} ({details})")
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else ""
 
 
-def _same(a, b) -> bool:
-    """Config equality that treats tuples and lists alike (to_dict may give either after a round trip)."""
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    return type(a) is type(b) and a == b or (isinstance(a, (int, float)) and isinstance(b, (int, float))
-                                               and not isinstance(a, bool) and not isinstance(b, bool) and a == b)
+def valid_checkpoints(directory, experiment: Experiment, local_workers: range | None = None,
+                      reference=None) -> list[tuple[int, Path, Checkpoint]]:
+    """(step, path, checkpoint) of the valid checkpoints of these local workers in ``directory``, newest first.
+
+    Invalid files are skipped with a warning naming each and why. ``reference``: this process's
+    ``initial_state()``, to check each state's structure too. ValueError when the directory belongs to another
+    configuration (its ``experiment.json``)."""
+    valid, skipped = _scan(Path(directory), experiment, local_workers, reference)
+    for reason in skipped:
+        warnings.warn(f"skipped {reason}", stacklevel=2)
+    return valid
+
+
+def _scan(directory: Path, experiment: Experiment, local_workers: range | None, reference):
+    """(valid [(step, path, checkpoint)] newest first, [why each invalid file was skipped])."""
+    local = local_workers if local_workers is not None else range(experiment.workers)
+    manifest = directory / MANIFEST
+    if manifest.exists():
+        differing = experiment_differences(_read_manifest(manifest), experiment)
+        if differing:
+            raise ValueError(f"run: resume_from={str(directory)!r} is invalid; allowed: a directory of this "
+                             f"configuration (it belongs to another one; {differing})")
+    valid, skipped = [], []
+    for step, path in reversed(checkpoints(directory, local, experiment.workers)):
+        try:
+            found = read(path, experiment, local)
+            if reference is not None:
+                check_state(found.state, reference, experiment, f"checkpoint {str(path)!r}")
+        except ValueError as error:
+            skipped.append(str(error))
+            continue
+        valid.append((step, path, found))
+    return valid, skipped
+
+
+def load(path, experiment: Experiment, local_workers: range | None = None, reference=None) -> Checkpoint:
+    """Read a checkpoint file, or the newest valid one in a directory, written by this very experiment.
+
+    ``reference``: this process's ``initial_state()`` (built here when omitted); the loaded state must have
+    its structure. A directory's invalid newer files are skipped with a warning. Raises ValueError when there is
+    none, or naming what is wrong with the file (unreadable, another format version, a checksum mismatch,
+    another configuration with each differing field, a step or history or state that does not fit).
+    """
+    local = local_workers if local_workers is not None else range(experiment.workers)
+    if reference is None:
+        from .runner import Simulation  # lazy: the runner imports this module
+
+        reference = Simulation(experiment, local_workers=local).initial_state()
+    path = Path(path)
+    if path.is_dir():
+        valid, skipped = _scan(path, experiment, local, reference)
+        if not valid:
+            pattern = file_name(0, local, experiment.workers).replace("000000000", "<step>")
+            raise ValueError(f"run: resume_from={str(path)!r} is invalid; allowed: a directory holding a valid "
+                             f"checkpoint ({pattern}), found none" + "".join(f"; {reason}" for reason in skipped))
+        step, chosen, checkpoint = valid[0]
+        if skipped:
+            warnings.warn(f"resuming from {str(chosen)!r} (step {step}), the newest valid checkpoint; skipped "
+                          + "; ".join(skipped), stacklevel=3)
+        return checkpoint
+    if not path.is_file():
+        raise ValueError(f"run: resume_from={str(path)!r} is invalid; allowed: an existing checkpoint file or directory")
+    checkpoint = read(path, experiment, local)
+    check_state(checkpoint.state, reference, experiment, f"checkpoint {str(path)!r}")
+    return checkpoint

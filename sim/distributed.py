@@ -19,6 +19,7 @@ import os
 import socket
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -163,6 +164,10 @@ def run_distributed(experiment: Experiment | Sequence[Experiment], *, nproc: int
             raise ValueError(f"run_distributed: workers_per_process={k} is invalid for nproc={nproc} and "
                              f"Experiment.workers={e.workers}; allowed: nproc * workers_per_process == workers")
         ks.append(k)
+    if checkpoint_dir is not None:  # writable and this configuration's, before any process starts
+        checkpoint.claim(checkpoint_dir, experiments[0])
+    if resume_from is not None:  # refuse unusable checkpoints here, before any process starts
+        common_checkpoint_step(resume_from, experiments[0], nproc, ks[0])
     results = spawn(run_on_rank, nproc, (experiments, ks, collective_timeout, checkpointing), backend=backend,
                     timeout=timeout, collective_timeout=collective_timeout, threads=threads)
     return results[0][0] if isinstance(experiment, Experiment) else results[0]
@@ -195,7 +200,8 @@ def agreed_checkpoint(directory, experiment: Experiment, comm) -> str:
     """The checkpoint file of this process's workers at the newest step that EVERY process holds.
 
     Each process writes its own files; a crash between two processes' writes leaves some one checkpoint
-    ahead (each keeps its newest ``checkpoint.KEEP``, so the others' newest is still there). Two tiny
+    ahead (each keeps its newest ``checkpoint.KEEP``, so the others' newest is still there). Only valid files
+    count (``checkpoint.valid_checkpoints``; a corrupt one is skipped with a warning). Two tiny
     collectives (``comm.gather_untracked``: the run's own wire device and timeout) agree on the step (the
     smallest of the processes' newest) and confirm that every process holds it. Every process takes part in
     both whatever it found (a directory it cannot read votes "none"), so all raise the same ValueError
@@ -204,10 +210,10 @@ def agreed_checkpoint(directory, experiment: Experiment, comm) -> str:
     from . import checkpoint
 
     local, workers = comm.local_workers, experiment.workers
-    try:
-        steps = [step for step, _ in checkpoint.checkpoints(directory, local, workers)]
+    try:  # only files that pass every check but the state's structure (sim.run checks that on loading)
+        steps = sorted(step for step, _, _ in checkpoint.valid_checkpoints(directory, experiment, local))
         problem = ""
-    except OSError as error:  # unreadable here: vote "none" (the others must not wait for us)
+    except (OSError, ValueError) as error:  # unusable here: vote "none" (the others must not wait for us)
         steps, problem = [], f" ({type(error).__name__}: {error})"
 
     def smallest(value: float) -> float:
@@ -221,6 +227,28 @@ def agreed_checkpoint(directory, experiment: Experiment, comm) -> str:
                          f"every process holds a checkpoint of one common step (newest common step: "
                          f"{step if step >= 0 else 'none'}; rank {comm.rank} holds steps {steps}{problem})")
     return os.path.join(directory, checkpoint.file_name(step, local, workers))
+
+
+def common_checkpoint_step(directory, experiment: Experiment, nproc: int, k: int) -> int:
+    """The newest step at which every process's workers have a valid checkpoint file in ``directory`` (read
+    here, in one process; each file is checked as ``checkpoint.read`` does), or a ValueError naming why not."""
+    from . import checkpoint
+
+    held, reasons = [], []
+    for rank in range(nproc):
+        local = range(rank * k, rank * k + k)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            held.append({step for step, _, _ in checkpoint.valid_checkpoints(directory, experiment, local)})
+        reasons += [str(w.message) for w in caught]
+    common = set.intersection(*held)
+    if not common:
+        raise ValueError(f"run_distributed: resume_from={str(directory)!r} is invalid; allowed: a directory where "
+                         f"every process holds a valid checkpoint of one common step (valid steps per process: "
+                         f"{[sorted(h) for h in held]})" + "".join(f"; {r}" for r in reasons))
+    for reason in reasons:
+        warnings.warn(reason, stacklevel=3)
+    return max(common)
 
 
 def _gather(comm, x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from .tasks import validate_task
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 NONFINITE_POLICIES = ("raise", "skip_step")
+UPDATE_HEADROOM = 1e6  # lr and weight_decay are at most finfo(dtype).max / this (see Experiment._check_step_sizes)
 
 
 @dataclass(frozen=True)
@@ -84,12 +85,28 @@ class Experiment:
         check_int(own, "log_every", self.log_every, minimum=1)
         check_choice(own, "engine", self.engine, ENGINES)
         check_choice(own, "dtype", self.dtype, DTYPES)
+        self._check_step_sizes()
         check_choice(own, "nonfinite", self.nonfinite, NONFINITE_POLICIES)
         check_bool(own, "keep_ledger", self.keep_ledger)
         check_int(own, "compression_error_every", self.compression_error_every, minimum=0)
         if self.network is not None:
             from .cost import resolve_network  # the cost model validates its own fields
             resolve_network(self.network)
+
+    def _check_step_sizes(self):
+        """lr and weight_decay must leave room in the run's dtype: at most finfo(dtype).max / UPDATE_HEADROOM.
+
+        The parameter step is lr * (update + weight_decay * theta); with a larger lr an update of magnitude
+        UPDATE_HEADROOM (1e6, well within what gradients reach early in training) already overflows to Inf, and
+        lr = 1e39 is not even a float32 number. Smaller values that still overflow are caught after each step
+        (the ``nonfinite`` policy)."""
+        limit = torch.finfo(self.torch_dtype).max / UPDATE_HEADROOM
+        for name in ("lr", "weight_decay"):
+            value = getattr(self, name)
+            if value > limit:
+                raise invalid("Experiment", name, value, f"at most {limit:.3g} for dtype={self.dtype!r} "
+                              f"(torch.finfo({self.dtype}).max / {UPDATE_HEADROOM:g}: lr * |update| must stay "
+                              f"finite for updates up to {UPDATE_HEADROOM:g})")
 
     def _check_compressor(self):
         spec = self.compressor

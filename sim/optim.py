@@ -8,9 +8,12 @@ from typing import NamedTuple
 
 import torch
 
+from compressors.serialization import register_record
+
 Tensors = dict[str, torch.Tensor]
 
 
+@register_record
 class SGDState(NamedTuple):
     momentum: Tensors  # (*shape) per parameter
 

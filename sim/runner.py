@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 import compressors
+from compressors.serialization import register_record
 from compressors.state_tree import memory_tensors, squared_norm
 from compressors.degenerate import warn_if_dense
 from . import checkpoint
@@ -32,6 +33,7 @@ from .tasks import Task, load_task
 Tensors = dict[str, torch.Tensor]
 
 
+@register_record
 class TrainState(NamedTuple):
     step: int  # steps completed
     params: Tensors  # (*shape), one copy shared by all workers
@@ -113,6 +115,13 @@ class Simulation:
             return self._skip(state, metrics, f"non-finite compressor output in {bad or 'another process'} from "
                                               "finite gradients (an overflow, e.g. of a 16-bit cast or factor)")
         params, opt_state = self.optimizer.step(state.params, update, state.optimizer, metrics["lr"])
+        # A finite update can still overflow the parameters or momentum (lr * update beyond the dtype's range).
+        # Parameters and momentum are identical on every process (the update is), so all decide alike unvoted.
+        bad = _nonfinite_any(params) + [f"momentum {n}" for n in (_nonfinite_any(opt_state.momentum)
+                                                                    if e.momentum else [])]
+        if bad:
+            return self._skip(state, metrics, f"non-finite parameter after the optimizer step in {bad} (an overflow "
+                                              f"of lr={metrics['lr']:g} times the update)")
         bits = state.bits + sum(r.bits for r in comm.ledger.step_records)
         sim_time = state.sim_time
         if self.network is not None:
@@ -214,6 +223,15 @@ def _nonfinite(tensors: Tensors, probes: Tensors | None = None) -> list[str]:
     return bad
 
 
+def _nonfinite_any(tensors: Tensors) -> list[str]:
+    """``_nonfinite`` with one device synchronisation in the common all-finite case: the sum of every tensor's
+    sum is finite only if every element is (a non-finite sum falls back to the per-tensor test)."""
+    if not tensors:
+        return []
+    total = torch.stack([t.sum().to(torch.float64) for t in tensors.values()]).sum()
+    return [] if math.isfinite(float(total)) else _nonfinite(tensors)
+
+
 def _all_finite(t: torch.Tensor) -> bool:
     """Whether every element of ``t`` is finite (``_nonfinite`` for one tensor)."""
     return not _nonfinite({"": t})
@@ -253,10 +271,12 @@ def run(experiment: Experiment, *, comm=None, local_workers: range | None = None
     checkpoint.check_options(checkpoint_dir, checkpoint_every, resume_from)
     if resume_from is not None and state is not None:
         raise ValueError("run: give state or resume_from, not both")
+    if checkpoint_dir is not None:  # writable and this configuration's, before any work
+        checkpoint.claim(checkpoint_dir, experiment)
     sim = simulation if simulation is not None else Simulation(experiment, comm, local_workers)
     rows: list[dict[str, float]] = []
     if resume_from is not None:
-        restored = checkpoint.load(resume_from, experiment, sim.local_workers)
+        restored = checkpoint.load(resume_from, experiment, sim.local_workers, reference=sim.initial_state())
         state, rows = restored.state, list(restored.rows)
         checkpoint.restore_ledger(sim.comm.ledger, restored.ledger)
     state = state if state is not None else sim.initial_state()

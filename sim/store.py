@@ -7,9 +7,10 @@ Layout::
 
 ``run_id`` is a readable prefix plus a hash of the full experiment (seed included), so the same experiment
 always lands in the same folder. Both files are written atomically (temporary file + rename), history first;
-``record.json`` is the completion marker. A killed sweep started again finds every run whose record exists
-and matches its config, skips it, and redoes the rest: the final table is row for row the uninterrupted one
-(runs are deterministic given their seed).
+``record.json`` is the completion marker (a record that is not JSON, or JSON of another shape, or a history
+that is not a readable table, marks the run incomplete, never an error). A killed sweep started again finds
+every run whose record exists and matches its config, skips it, and redoes the rest: the final table is row
+for row the uninterrupted one (runs are deterministic given their seed).
 
 ``load_results(DIR)`` concatenates every complete run into one DataFrame.
 """
@@ -129,8 +130,8 @@ class ResultsStore:
     def is_complete(self, experiment: Experiment) -> bool:
         folder = self.folder(experiment)
         record = read_record(folder)
-        return (record is not None and record.get("config") == canonical_config(experiment)
-                and (folder / HISTORY).is_file())
+        return (record is not None and record["config"] == canonical_config(experiment)
+                and read_history(folder) is not None)
 
     def write(self, experiment: Experiment, result, overrides: Mapping[str, Any] | None = None,
               index: int = 0) -> Path:
@@ -167,10 +168,31 @@ def summary(result, history: pd.DataFrame) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
 
 
+#: The fields a complete run's record.json must hold, with their JSON types (the rest is informative).
+RECORD_FIELDS = {"run_id": str, "index": int, "label": str, "overrides": dict, "seed": int, "config": dict}
+
+
 def read_record(folder: Path) -> dict[str, Any] | None:
+    """The run's record, or None when the run is incomplete: no record, unreadable or invalid JSON, or JSON of
+    another shape (a missing or mistyped field of ``RECORD_FIELDS``, a run_id that is not the folder's)."""
     try:
-        return json.loads((folder / RECORD).read_text(encoding="utf-8"))
+        record = json.loads((folder / RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("run_id") != folder.name:
+        return None
+    if not all(type(record.get(key)) is kind for key, kind in RECORD_FIELDS.items()):
+        return None
+    if not all(isinstance(k, str) for k in record["overrides"]):
+        return None
+    return record
+
+
+def read_history(folder: Path) -> pd.DataFrame | None:
+    """The run's history.csv, or None when it is missing or not a readable table."""
+    try:
+        return pd.read_csv(folder / HISTORY)
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
         return None
 
 
@@ -213,7 +235,8 @@ def load_results(root: str | Path, run_ids: Sequence[str] | None = None) -> pd.D
     Columns: the history's (step, lr, train_loss, test_loss, test_accuracy, bits, ...), then one column per
     grid key of any loaded run (its value from that run's config, so runs outside a sweep get it too),
     ``seed``, ``run`` (the configuration's label, seeds pooled) and ``run_id``. Runs are ordered by their
-    position in the sweep that produced them, then by id. Incomplete runs (no record) are ignored.
+    position in the sweep that produced them, then by id. Incomplete runs (no valid record or history) are
+    ignored.
     """
     runs = Path(root) / "runs"
     if not Path(root).is_dir():
@@ -226,9 +249,10 @@ def load_results(root: str | Path, run_ids: Sequence[str] | None = None) -> pd.D
     loaded = []
     for folder in folders:
         record = read_record(folder)
-        if record is None or not (folder / HISTORY).is_file():
+        history = read_history(folder) if record is not None else None
+        if history is None:  # incomplete: redone by a sweep started again
             continue
-        loaded.append((record, pd.read_csv(folder / HISTORY)))
+        loaded.append((record, history))
     if run_ids is None:
         loaded.sort(key=lambda item: (item[0].get("index", 0), item[0]["run_id"]))
     if not loaded:

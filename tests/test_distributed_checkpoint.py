@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sim
-from sim import checkpoint
+from sim import checkpoint, checkpoint_schema
 from sim.distributed import DistributedRunError
 
 pytestmark = pytest.mark.distributed
@@ -64,26 +64,38 @@ def _agree_on_cases(rank: int, world: int, directories: list[str]) -> list[tuple
     return out
 
 
+def _write_checkpoint(directory, workers: range, step: int) -> None:
+    """A valid checkpoint of ``workers`` at ``step`` (initial state, history rows of the logged steps)."""
+    state = sim.Simulation(EXPERIMENT, local_workers=workers).initial_state()._replace(step=step)
+    rows = [{"step": s} for s in checkpoint_schema.logged_steps(EXPERIMENT, step)]
+    checkpoint.save(directory, EXPERIMENT, state, rows, local_workers=workers, keep=10)
+
+
 def test_processes_agree_on_the_newest_common_step_or_all_refuse(tmp_path):
-    """Checkpoint file names alone decide (empty files suffice). Each case: steps held by process 0 and 1."""
+    """The valid files held decide; a corrupt file counts as absent. Each case: steps held by process 0 and 1."""
     from sim.distributed import spawn
 
-    cases = {"one-behind": ([4, 6], [4]), "none-on-one": ([], [4, 6]), "disjoint": ([2], [4, 6])}
+    cases = {"one-behind": ([4, 6], [4]), "none-on-one": ([], [4, 6]), "disjoint": ([2], [4, 6]),
+             "newest-corrupt": ([4, 6], [4, 6])}
     directories = []
     for name, held in cases.items():
         directory = tmp_path / name
         directory.mkdir()
         for workers, steps in zip((range(0, 2), range(2, 4)), held):
             for step in steps:
-                (directory / checkpoint.file_name(step, workers, EXPERIMENT.workers)).touch()
+                _write_checkpoint(directory, workers, step)
         directories.append(str(directory))
+    newest = tmp_path / "newest-corrupt" / checkpoint.file_name(6, range(2, 4), EXPERIMENT.workers)
+    newest.write_bytes(newest.read_bytes()[:-100])  # truncated: process 1's step 6 does not count
     rank0, rank1 = spawn(_agree_on_cases, NPROC, (directories,), timeout=120)
     assert rank0[0] == ("ok", directories[0] + "/" + checkpoint.file_name(4, range(0, 2), EXPERIMENT.workers))
     assert rank1[0] == ("ok", directories[0] + "/" + checkpoint.file_name(4, range(2, 4), EXPERIMENT.workers))
-    for outcomes in (rank0[1:], rank1[1:]):  # both processes refuse, neither is left waiting
+    for outcomes in (rank0[1:3], rank1[1:3]):  # both processes refuse, neither is left waiting
         assert [kind for kind, _ in outcomes] == ["raised", "raised"]
         assert all("common step" in message for _, message in outcomes)
     assert "newest common step: none" in rank1[1][1] and "newest common step: 2" in rank1[2][1]
+    assert rank0[3] == ("ok", directories[3] + "/" + checkpoint.file_name(4, range(0, 2), EXPERIMENT.workers))
+    assert rank1[3] == ("ok", directories[3] + "/" + checkpoint.file_name(4, range(2, 4), EXPERIMENT.workers))
 
 
 def test_bad_checkpoint_arguments_name_the_field(tmp_path):

@@ -287,4 +287,7 @@ def test_hook_options_are_validated():
     with pytest.raises(ValueError, match="options"):
         compressors.ddp_comm_hook(compressors.make("identity"), rank=2)
     state, _ = compressors.ddp_comm_hook("identity")
-    assert state.state_dict() == {"seed": 0, "calls": 0, "buckets": []}
+    saved = state.state_dict()
+    assert {k: saved[k] for k in ("format_version", "seed", "calls", "buckets")} == {
+        "format_version": state.FORMAT_VERSION, "seed": 0, "calls": 0, "buckets": []}
+    assert len(saved["checksum"]) == 64  # a SHA-256 in hex

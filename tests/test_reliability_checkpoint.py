@@ -78,7 +78,7 @@ def test_resume_continues_checkpointing_and_a_finished_run_resumes_to_its_result
     again = sim.run(e, resume_from=tmp_path, checkpoint_dir=tmp_path, checkpoint_every=3)
     pd.testing.assert_frame_equal(again.history, full.history, check_exact=True)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["checkpoint-000000012.pt", "checkpoint-000000014.pt"]  # the last one: the final step
+    assert names == ["checkpoint-000000012.pt", "checkpoint-000000014.pt", checkpoint.MANIFEST]  # the last one: the final step
     done = sim.run(e, resume_from=tmp_path)  # nothing left to run: the stored history is the result
     pd.testing.assert_frame_equal(done.history, full.history, check_exact=True)
     assert all(torch.equal(done.params[k], full.params[k]) for k in full.params)
@@ -126,7 +126,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypa
     with pytest.raises(OSError, match="disk full"):
         sim.run(e, checkpoint_dir=tmp_path, checkpoint_every=4,
                 on_step=lambda s, state: states.__setitem__(state.step, state))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000000004.pt"]  # no partial file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000000004.pt", checkpoint.MANIFEST]  # no partial
     assert_identical(checkpoint.load(tmp_path, e).state, states[4])
     monkeypatch.setattr(checkpoint, "_write", real_write)
     pd.testing.assert_frame_equal(sim.run(e, resume_from=tmp_path).history, sim.run(e).history, check_exact=True)
@@ -154,7 +154,7 @@ def test_a_crash_before_the_rename_is_ignored(tmp_path, monkeypatch):
 
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
     sim.run(tiny(steps=20), checkpoint_dir=tmp_path, checkpoint_every=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000000018.pt", "checkpoint-000000020.pt"]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-000000018.pt", "checkpoint-000000020.pt"]
 
 
 def test_checkpoints_are_versioned_plain_data(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 
@@ -45,8 +46,10 @@ def memory_bound(delta: float, gamma: float, G: float) -> float:
     eta = delta / (2 (1 - delta)) the first factor is 1 - delta/2 and (1 + 1/eta) <= 2/delta; summing the
     geometric series gives the bound.
     Assumptions: C is delta-contractive on every input (deterministically, or in expectation for a bound on
-    E||e||^2), ||g_t|| <= G (or E||g_t||^2 <= G^2). It does not cover "averaged" memory (residual against
-    other workers' messages) nor EF21 (whose memory is a gradient estimate).
+    E||e||^2), ||g_t|| <= G (or E||g_t||^2 <= G^2). ``memory_bound_premise`` says whether a compressor's
+    declared class meets this for an error-feedback mode and number of workers (warm-started PowerSGD does
+    not). It does not cover "averaged" memory (residual against other workers' messages) beyond the workers'
+    mean, nor EF21 (whose memory is a gradient estimate).
     Source: Stich, Cordonnier, Jaggi, NeurIPS 2018, Lemma 3.2 (top-k); Karimireddy, Rebjock, Stich, Jaggi,
     ICML 2019, Lemma 3 (any delta-compressor).
     """
@@ -117,3 +120,72 @@ def ef21_rate(delta: float, L: float, L_tilde: float, f_gap: float, g0: float, T
         raise ValueError(f"ef21_rate: gamma={gamma!r} is invalid; allowed: a number in (0, {limit}]")
     theta, _ = ef21_constants(delta)
     return 2.0 * f_gap / (gamma * T) + g0 / (theta * T)
+
+
+class BoundPremise(NamedTuple):
+    """Whether a compressor's declared class supports ``memory_bound`` under an error-feedback mode.
+
+    holds: the premise of ``memory_bound`` is met; delta: the contraction to put in it (None when not);
+    in_expectation: the bound is then on E||e||^2, not on ||e||^2 itself; scope: whose memory it bounds
+    ("each worker" or "the workers' mean", mean_i e_i); reason: why, in words.
+    """
+
+    holds: bool
+    delta: float | None
+    in_expectation: bool
+    scope: str
+    reason: str
+
+
+def memory_bound_premise(claim, mode: str = "local", workers: int = 1) -> BoundPremise:
+    """Does ``memory_bound(delta, ...)`` apply to a compressor with this ``TheoryClaim`` and error-feedback mode?
+
+    ``claim`` is what ``agg.theory(shapes)`` returns (any object with ``kind``, ``delta``, ``omega``,
+    ``deterministic``, ``per_worker``; the error-feedback wrapper already turns "local_scaled" around an
+    unbiased C into its contraction 1/(1 + omega)). The premise of ``memory_bound`` is the recursion
+    e' = x - C(x) with C delta-contractive on every x it meets (Stich et al. 2018; Karimireddy et al. 2019):
+
+    - "local" / "local_scaled" (each worker's e_i' = x_i - C_i(x_i)): needs kind "exact" (delta 1),
+      "contractive" (delta), or "unbiased" with omega < 1 (E||C(x) - x||^2 <= omega ||x||^2 is a contraction
+      in expectation with delta = 1 - omega). With one worker, or when the claim holds per worker, it bounds
+      each worker's memory; when it holds only on the mean (``per_worker`` False: PowerSGD's projection is
+      chosen from mean_i x_i) and workers > 1, it bounds only mean_i e_i, whose recursion is
+      mean e' = mean x - C(mean x) (the update is C applied to the mean, and the mean of the residuals is
+      linear): each worker's own memory is then bounded by nothing (a nonexpansive step: ||e_i'|| <= ||x_i||).
+    - "averaged" (e_i' = x_i - update): with one worker it is "local"; with several only mean_i e_i follows
+      the recursion, and only for a claim on the mean (update = C(mean x)) or an exact one.
+    - "none" (no memory) and "ef21" (the memory is a gradient estimate, bounded by ``ef21_rate``'s analysis
+      instead): not covered.
+    - kinds "nonexpansive" (delta = 0: warm-started PowerSGD) and "biased" (plain sign): never covered.
+    A claim "in expectation" (``deterministic`` False) gives a bound on E||e||^2, for inputs that do not
+    depend on the step's own random draw (fresh randomness every step).
+    """
+    if not (isinstance(workers, int) and workers >= 1):
+        raise ValueError(f"memory_bound_premise: workers={workers!r} is invalid; allowed: an integer >= 1")
+    modes = ("none", "local", "local_scaled", "averaged", "ef21")
+    if mode not in modes:
+        raise ValueError(f"memory_bound_premise: mode={mode!r} is invalid; allowed: {', '.join(modes)}")
+    expectation = not getattr(claim, "deterministic", True)
+    if mode in ("none", "ef21"):
+        why = "no memory" if mode == "none" else "EF21's memory is a gradient estimate, not a residual"
+        return BoundPremise(False, None, expectation, "", why)
+    if claim.kind == "exact":
+        delta = 1.0
+    elif claim.kind == "contractive" and claim.delta is not None and claim.delta > 0:
+        delta = float(claim.delta)
+    elif claim.kind == "unbiased" and claim.omega is not None and claim.omega < 1:
+        delta = 1.0 - float(claim.omega)
+    else:
+        return BoundPremise(False, None, expectation, "",
+                            f"a {claim.kind!r} operator has no contraction (delta > 0) for every input")
+    per_worker = getattr(claim, "per_worker", True)
+    if workers == 1 or (mode != "averaged" and per_worker):
+        how = " in expectation" if expectation else ""
+        return BoundPremise(True, delta, expectation, "each worker",
+                            f"each worker's residual x_i - C_i(x_i) contracts{how}")
+    if not per_worker or claim.kind == "exact":
+        return BoundPremise(True, delta, expectation, "the workers' mean",
+                            "the update is C(mean_i x_i), so mean_i e_i = mean x - C(mean x) contracts; "
+                            "each worker's own memory is not bounded by the theory")
+    return BoundPremise(False, None, expectation, "",
+                        "averaged memory with several workers: update = mean_i C(x_i) is not C(mean_i x_i)")

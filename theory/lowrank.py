@@ -152,3 +152,31 @@ def subspace_iteration_excess_error(singular_values: torch.Tensor | Sequence[flo
     tan_t = subspace_iteration_tan(sigma_next / sigma_r, tan0, t)
     sin2 = min(1.0, tan_t * tan_t / (1.0 + tan_t * tan_t)) if math.isfinite(tan_t) else 1.0
     return float(s[0]) ** 2 * r * sin2
+
+
+# -- expected contraction of a cold-started power step -------------------------------------------------------
+
+def range_finder_delta(n: int, m: int, r: int) -> float:
+    """E||M - P^P^^T M||_F^2 <= (1 - r/min(n, m)) ||M||_F^2 for P^ = orth(M (M^T M)^(t-1) Omega), Omega (m x r)
+    a fresh Gaussian matrix, any t >= 1 (PowerSGD "paper", cold start); equality for a flat spectrum.
+
+    Proof: M = U S V^T of rank k > r, G = V^T Omega Gaussian; span P^ = U span(S^(2t-1) G), so the captured
+    energy is sum_i s_i^2 L_i with L_i the leverage score of row i of S^(2t-1) G (sum_i L_i = r). By
+    Sherman-Morrison L_i grows with its row's scale and shrinks when another row grows, so swapping the
+    exchangeable rows i, j of G gives E L_i >= E L_j whenever s_i >= s_j; Chebyshev's sum inequality then
+    gives sum_i s_i^2 E L_i >= (r/k) ||M||^2 >= (r/min(n, m)) ||M||^2 (k <= r: exact). Derived here; Halko,
+    Martinsson, Tropp 2011 (Thm 10.5) bound this range finder only with oversampling (p >= 2 extra columns).
+    Assumptions: Omega drawn independently of M; exact orthonormalization (QR); exact arithmetic.
+    """
+    if min(n, m, r) < 1:
+        raise ValueError(f"range_finder_delta: n, m, r = {n}, {m}, {r} are invalid; allowed: integers >= 1")
+    return min(1.0, r / min(n, m))
+
+
+def random_subspace_delta(dim: int, r: int) -> float:
+    """E||M B B^T||_F^2 = (r/dim) ||M||_F^2 for B (dim x r) an orthonormal basis of a uniformly random
+    r-dimensional subspace independent of M (E[B B^T] = (r/dim) I by rotation invariance): the delta of one
+    cold-started "alternating" PowerSGD iteration, dim = m (Q in) or n (P in)."""
+    if min(dim, r) < 1:
+        raise ValueError(f"random_subspace_delta: dim, r = {dim}, {r} are invalid; allowed: integers >= 1")
+    return min(1.0, r / dim)

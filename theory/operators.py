@@ -7,6 +7,16 @@ compression for distributed learning", Section 2):
 - C is **delta-contractive** (0 < delta <= 1) if E ||C(x) - x||^2 <= (1 - delta) ||x||^2 for all x; it is
   *deterministically* contractive when the bound holds without the expectation.
 - The per-input contraction is delta(x) = 1 - ||C(x) - x||^2 / ||x||^2.
+- C is **nonexpansive** if ||C(x) - x|| <= ||x|| for all x (delta = 0): a projection onto a subspace that
+  does not depend on x at random (warm-started PowerSGD) is one, and no positive delta holds for it.
+
+When a bound holds (``compressors.TheoryClaim`` records it): "for all x" means every finite x whose squared
+norm stays inside the working dtype's range, in exact arithmetic up to rounding, unless the claim narrows
+the magnitudes (casts: the 16-bit normal range; natural compression: float32's). A bound "in expectation"
+is over the randomness drawn in that step, for an x that does not depend on that draw (inputs built from
+earlier steps, as error feedback's, are fine; an adversary who knows the seed is not). A claim may hold for
+each worker's own message C(x_i), or only for the update as a function of the workers' mean (PowerSGD).
+docs/theory_claims.md lists every registered compressor's claim and its premise.
 
 Converter: if C is unbiased with omega, C / (1 + omega) is delta-contractive with delta = 1 / (1 + omega)
 (Beznosikov et al. 2020, Lemma 1): E||C/(1+w) - x||^2 = E||C||^2/(1+w)^2 - 2||x||^2/(1+w) + ||x||^2 and
