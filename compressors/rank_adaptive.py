@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 
 from .options import check_choice, check_float, check_int, check_known_options, invalid
+from .serialization import register_record
 
 ADAPTIVE_RULES = ("accordion",)
 KEYS = ("rule", "low_rank", "high_rank", "interval", "threshold")
@@ -49,6 +50,7 @@ class Accordion:
         return abs(previous_norm - norm) / previous_norm >= self.threshold
 
 
+@register_record
 class AccordionState(NamedTuple):
     rank: int  # the rank of the current interval
     previous_norm: float  # ||Delta|| of the last finished interval; NO_NORM before the first one ends

@@ -20,16 +20,18 @@ from typing import NamedTuple
 
 import torch
 
-from .base import Aggregator, Reduced, dtype_bits, numel
+from .base import Aggregator, numel
 from .error_feedback import with_error_feedback
 from .identity import Identity
 from .policies import Partition, Warmup
 from .powersgd import PowerSGDKernel, PowerSGDState
-from .rank_adaptive import Accordion, AccordionState, init_state as init_accordion, observe as observe_accordion
-from .rank_layers import (AllocationState, SpectralAllocation, init_allocation, observe_allocation)
+from .rank_adaptive import Accordion, init_state as init_accordion, observe as observe_accordion
+from .rank_layers import SpectralAllocation, init_allocation, observe_allocation
 from .rank_schedule import Phase, rank_at, steps_in_phases
+from .serialization import register_record
 
 
+@register_record
 class RankControlState(NamedTuple):
     ranks: dict[str, int]  # {name: rank} of the last step (before the first step: those of step 0)
     rule: object  # AccordionState, AllocationState, or () for a schedule / fixed ranks

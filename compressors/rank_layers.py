@@ -32,7 +32,8 @@ from typing import NamedTuple
 import torch
 
 from .base import matrix_view_shape
-from .options import check_choice, check_float, check_int, check_known_options, invalid
+from .options import check_choice, check_int, check_known_options, invalid
+from .serialization import register_record
 
 ALLOCATION_RULES = ("spectral",)
 ALLOCATION_KEYS = ("rule", "budget_bits", "every", "max_rank")
@@ -77,6 +78,7 @@ class SpectralAllocation:
     max_rank: int
 
 
+@register_record
 class AllocationState(NamedTuple):
     ranks: dict[str, int]  # the current allocation
     accumulated: dict[str, torch.Tensor]  # Delta_l of the current period: {name: (*shape)}
