@@ -150,3 +150,24 @@ def test_same_seed_same_decisions_and_norms_are_finite():
     pd.testing.assert_frame_equal(a.history, b.history, check_exact=True)
     rule_state = a.extras["final_state"].aggregator.compressed.inner.rule
     assert math.isfinite(rule_state.previous_norm) and rule_state.previous_norm >= 0
+
+
+@pytest.mark.parametrize("compressor", [
+    {"name": "powersgd", "rank_schedule": [[0, 3], [5, 1], [9, 2]], "min_compression_rate": 0.0},
+    {"name": "powersgd", "rank_allocation": {"rule": "spectral", "budget_bits": 60000, "every": 4, "max_rank": 3},
+     "min_compression_rate": 0.0},
+    {"name": "powersgd", "layer_ranks": {"1.*": 2}, "rank": 1, "start_compressing_after_num_steps": 2},
+], ids=["schedule", "allocation", "layer_ranks"])
+def test_every_rank_rule_resumes_bitwise(tmp_path, compressor):
+    e = tiny(compressor=compressor, steps=14)
+    full = sim.run(e)
+
+    def interrupt(simulation, state):
+        if state.step == 11:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        sim.run(e, checkpoint_dir=tmp_path, checkpoint_every=4, on_step=interrupt)
+    resumed = sim.run(e, resume_from=tmp_path)
+    pd.testing.assert_frame_equal(resumed.history, full.history, check_exact=True)
+    assert_identical_leaves(resumed.extras["final_state"], full.extras["final_state"])
