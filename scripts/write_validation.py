@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         "",
         "NCCL is the same code path: `DistributedCollective` issues the same `all_reduce` / `all_gather_single`",
         "calls on any backend (CPU tensors are staged through the current GPU under NCCL), and the DDP hook and",
-        "`sim.run_distributed(..., backend=\"nccl\")` only pick the backend. This task had no GPU, so nothing",
+        "`sim.run_distributed(..., backend=\"nccl\")` only pick the backend. No GPU was available when this report was written, so nothing",
         "here was run on CUDA or NCCL; CI has no GPU either, and no test requires one.",
         "",
         "## Covered by the test suite (`pytest -m distributed`)",

@@ -4,42 +4,58 @@
         --workers 4 16 64 --network ethernet-10g infiniband-100g --compute v100 --csv out.csv --png out.png
     python -m sim calibrate --backend gloo --nproc 2 --out results/network-gloo-p2.json
 
+    python -m sim list tasks            # also: compressors, optimizers, networks, accelerators, models
+    python -m sim run examples/own_model.toml --import examples.own_model
+
 Each subcommand is a pair (add its arguments to a subparser, run it from the parsed namespace) listed in
-``SUBCOMMANDS``; adding one (``run``, ``sweep``) is one function pair and one line there.
+``SUBCOMMANDS``; adding one is one function pair and one line there. A bad value is a one-line error and
+exit status 2; Ctrl-C a one-line message (``sim.cli_types``). docs/cli.md describes every command.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from sim import cli_workflow
+from sim import cli_list, cli_workflow
+from sim.cli_types import Parser, add_import_option, positive_int, run_command
 
 
 # -- whatif ----------------------------------------------------------------------------------------------------
 def add_whatif(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="resnet18_cifar",
-                        help="a named model (resnet18_cifar, lstm_wikitext2, resnet50, vit_b16, bert_base, gpt2) "
-                             "or a task name (digits-mlp, ...)")
-    parser.add_argument("--compressor", action="append", default=None,
-                        help="repeatable: identity, powersgd:rank=2, topk:ratio=0.01 (identity is always added)")
-    parser.add_argument("--rank", type=int, nargs="*", default=None,
-                        help="shortcut: one powersgd entry per rank (e.g. --rank 1 2 4)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[16])
+                        help="a model known by name (python -m sim list models: resnet18_cifar, resnet50, vit_b16, "
+                             "bert_base, gpt2, ...) or a task name (python -m sim list tasks), e.g. --model resnet50 "
+                             "or --model digits-mlp (default resnet18_cifar)")
+    parser.add_argument("--compressor", action="append", default=None, metavar="NAME[:OPTION=VALUE,...]",
+                        help="repeatable, e.g. --compressor powersgd:rank=2 --compressor topk:ratio=0.01 "
+                             "(identity, the baseline, is always added)")
+    parser.add_argument("--rank", type=positive_int, nargs="*", default=None,
+                        help="shortcut: one powersgd entry per rank, e.g. --rank 1 2 4")
+    parser.add_argument("--workers", type=positive_int, nargs="+", default=[16],
+                        help="worker counts, e.g. --workers 4 16 64 (default 16)")
     parser.add_argument("--network", nargs="+", default=["ethernet-10g"],
-                        help="presets (see sim.cost.PRESETS) or saved .json networks")
+                        help="presets (python -m sim list networks) or saved .json networks, e.g. "
+                             "--network ethernet-10g infiniband-100g (default ethernet-10g)")
     parser.add_argument("--compute", default=None,
-                        help="seconds per step, an accelerator (v100, a100, h100, t4), or 'measure'")
-    parser.add_argument("--accelerator", default=None, help="the target GPU when --compute is seconds "
-                        "(v100, a100, h100, t4): encode/decode is then priced from FLOPs on it, else 0")
-    parser.add_argument("--batch-size", type=int, default=None, help="per-worker batch for FLOP counting")
-    parser.add_argument("--overlap", default="buckets", choices=["buckets", "none"])
-    parser.add_argument("--codec", default="auto", choices=["auto", "measure", "flops", "none"])
-    parser.add_argument("--csv", default=None, help="write the table here")
-    parser.add_argument("--png", default=None, help="plot speedup vs workers here")
+                        help="seconds per step, an accelerator (python -m sim list accelerators) or 'measure', "
+                             "e.g. --compute 0.12 or --compute v100")
+    parser.add_argument("--accelerator", default=None,
+                        help="the target GPU when --compute is seconds: encode/decode is then priced from FLOPs on "
+                             "it, else 0, e.g. --compute 0.12 --accelerator a100 (python -m sim list accelerators)")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="per-worker batch for FLOP counting, e.g. --batch-size 128")
+    parser.add_argument("--overlap", default="buckets", choices=["buckets", "none"],
+                        help="overlap communication with the backward pass by DDP buckets or not, e.g. --overlap none")
+    parser.add_argument("--codec", default="auto", choices=["auto", "measure", "flops", "none"],
+                        help="encode/decode cost: from FLOPs, measured here, or none, e.g. --codec none")
+    parser.add_argument("--csv", default=None, help="write the table here, e.g. --csv whatif.csv")
+    parser.add_argument("--png", default=None, help="plot speedup vs workers here, e.g. --png whatif.png")
+    add_import_option(parser)
 
 
 def run_whatif(args: argparse.Namespace) -> int:
     from sim.cost import whatif
+    from sim.tasks import TASK_REGISTRY
 
     specs = list(args.compressor or [])
     specs += [{"name": "powersgd", "rank": r} for r in (args.rank or [])]
@@ -52,7 +68,7 @@ def run_whatif(args: argparse.Namespace) -> int:
         except ValueError:
             pass
     source = args.model
-    if "-" in source:  # a task name: price a sim.Experiment of that task
+    if source in TASK_REGISTRY or "-" in source:  # a task name (yours too, with --import): price an Experiment
         from sim import Experiment
 
         source = Experiment(task=source, workers=max(args.workers), batch_size=args.batch_size or 32)
@@ -95,12 +111,15 @@ def plot_speedup(table, path: str) -> None:
 
 # -- calibrate -------------------------------------------------------------------------------------------------
 def add_calibrate(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", default="gloo", choices=["gloo"])
-    parser.add_argument("--nproc", type=int, nargs="+", default=[2], help="process counts (e.g. 2 3 4)")
+    parser.add_argument("--backend", default="gloo", choices=["gloo"], help="the torch.distributed backend, e.g. gloo")
+    parser.add_argument("--nproc", type=positive_int, nargs="+", default=[2],
+                        help="process counts, e.g. --nproc 2 3 4 (default 2)")
     parser.add_argument("--out", default=None,
-                        help="Network JSON (default results/network-<backend>-p<nproc>.json; one per nproc)")
-    parser.add_argument("--max-bytes", type=int, default=32 * 2**20)
-    parser.add_argument("--csv", default=None, help="write the measurements and predictions here")
+                        help="Network JSON, e.g. --out results/net.json (default results/network-<backend>-p<nproc>"
+                             ".json; one per nproc)")
+    parser.add_argument("--max-bytes", type=positive_int, default=32 * 2**20,
+                        help="largest message timed, in bytes, e.g. --max-bytes 4194304 (default 32 MiB)")
+    parser.add_argument("--csv", default=None, help="write the measurements and predictions here, e.g. --csv cal.csv")
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
@@ -139,30 +158,34 @@ def _out_path(out, backend: str, p: int, many: bool) -> str:
 
 #: name -> (add arguments, run); another subcommand is one more line here.
 SUBCOMMANDS = {
-    "whatif": (add_whatif, run_whatif, "time per step of compressors x workers x networks"),
-    "calibrate": (add_calibrate, run_calibrate, "fit alpha, beta to real collectives on this machine"),
+    "list": (cli_list.add_list, cli_list.run_list, "what exists: tasks, compressors, optimizers, networks, ..."),
     "run": (cli_workflow.add_run, cli_workflow.run_run, "run one experiment from a .toml/.json config"),
     "sweep": (cli_workflow.add_sweep, cli_workflow.run_sweep, "grid x seeds into a results dir that survives kill"),
+    "whatif": (add_whatif, run_whatif, "time per step of compressors x workers x networks"),
+    "calibrate": (add_calibrate, run_calibrate, "fit alpha, beta to real collectives on this machine"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sim", description="The compressed-SGD simulator.")
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="python -m sim", description="The compressed-SGD simulator. docs/cli.md has every command.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, (add, run, help_text) in SUBCOMMANDS.items():
-        sub = subparsers.add_parser(name, help=help_text)
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
         add(sub)
-        sub.set_defaults(handler=run)
+        sub.set_defaults(handler=run, prog=sub.prog)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def command() -> int:
+        from sim.config import import_modules
+
+        import_modules(getattr(args, "imports", []), "command line", "--import")
         return args.handler(args)
-    except ValueError as error:  # bad input: one line naming the field, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+
+    return run_command(command, args.prog)
 
 
 if __name__ == "__main__":

@@ -156,10 +156,16 @@ def check_state(state, fresh, experiment: Experiment, where: str) -> None:
             raise ValueError(f"state.skipped_steps={state.skipped_steps} is invalid; allowed: in [0, step]")
         if not (math.isfinite(state.sim_time) and state.sim_time >= 0):
             raise ValueError(f"state.sim_time={state.sim_time!r} is invalid; allowed: a finite number >= 0")
-        for group, tensors in (("params", state.params), ("optimizer.momentum", state.optimizer.momentum)):
-            for name, t in tensors.items():
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"state.{group}.{name} holds NaN/Inf; allowed: finite values")
+        from .runner import _float_leaves  # lazy, as above
+
+        optimizer_steps = getattr(state.optimizer, "step", 0)  # Adam's bias-correction count (SGD has none)
+        if not (type(optimizer_steps) is int and 0 <= optimizer_steps <= state.step - state.skipped_steps):
+            raise ValueError(f"state.optimizer.step={optimizer_steps!r} is invalid; allowed: an integer in "
+                             f"[0, step - skipped_steps]")
+        optimizer = {f"optimizer.{path}": t for path, t in _float_leaves(state.optimizer)}  # momentum, moments
+        for name, t in [*(("params." + n, t) for n, t in state.params.items()), *optimizer.items()]:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"state.{name} holds NaN/Inf; allowed: finite values")
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
 

@@ -7,22 +7,36 @@
 Values on the command line are parsed as bool (true/false), None (none/null), int, float, else string. ``--grid``
 replaces the config file's grid entry for that key (other keys of ``[sweep.grid]`` stay); ``--seeds``
 replaces its seeds. Each finished run is written to ``--out`` as it completes; running the same command again
-skips complete runs (see ``sim.store``). A progress bar counts runs, an inner one steps.
+skips complete runs and resumes the one in progress from its checkpoint (see ``sim.store``). In a terminal a
+progress bar counts runs and an inner one steps; otherwise (a log file, a pipe, a batch job) each finished run
+prints one line.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from .cli_types import add_import_option, count
 from .config import load_config, parse_assignment, parse_seeds
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="a .toml or .json experiment file (see configs/)")
-    parser.add_argument("--out", default=None, help="results directory (default results/<config name>)")
+    parser.add_argument("config", help="a .toml or .json experiment file, e.g. configs/powersgd_rank_sweep.toml")
+    parser.add_argument("--out", default=None,
+                        help="results directory, e.g. --out results/rank_sweep (default results/<config name>); "
+                             "read it with sim.load_results")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a field, e.g. --set steps=100 --set compressor.rank=4 (repeatable)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+                        help="override a field, e.g. --set steps=100 --set compressor.rank=4 "
+                             "--set optimizer_options.eps=1e-6 (repeatable)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress output at all, e.g. for tests (outside a terminal progress is already "
+                             "one line per finished run)")
+    parser.add_argument("--checkpoint-every", type=count, default=100, metavar="N",
+                        help="the run in progress writes a checkpoint every N steps into its results folder, so "
+                             "running the same command after an interruption resumes it, e.g. --checkpoint-every 50 "
+                             "(default 100; 0: never)")
+    add_import_option(parser)
 
 
 def add_run(parser: argparse.ArgumentParser) -> None:
@@ -32,13 +46,21 @@ def add_run(parser: argparse.ArgumentParser) -> None:
 def add_sweep(parser: argparse.ArgumentParser) -> None:
     _add_common(parser)
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                        help="a swept field and its values, e.g. compressor.rank=1,2,4 (repeatable)")
-    parser.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")
+                        help="a swept field and its distinct values, e.g. --grid compressor.rank=1,2,4 (repeatable)")
+    parser.add_argument("--seeds", default=None, metavar="S1,S2",
+                        help="distinct comma-separated seeds, e.g. --seeds 0,1,2 (not with --grid seed=...)")
+
+
+def progress_mode(args: argparse.Namespace) -> bool | str:
+    """True: bars (a terminal); "lines": one line per finished run (anything else); False: --no-progress."""
+    if args.no_progress:
+        return False
+    return True if sys.stderr.isatty() else "lines"
 
 
 def _prepare(args: argparse.Namespace):
     overrides = dict(parse_assignment(text, many=False) for text in args.set)
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, overrides, allow_imports=True)  # the command line runs the file's imports
     base = config.experiment
     out = Path(args.out) if args.out else Path("results") / Path(args.config).stem
     return config, base, out
@@ -48,7 +70,7 @@ def run_run(args: argparse.Namespace) -> int:
     from .store import sweep_to_dir
 
     _, base, out = _prepare(args)
-    table = sweep_to_dir(base, out, progress=not args.no_progress, log=print)
+    table = sweep_to_dir(base, out, progress=progress_mode(args), log=print, checkpoint_every=args.checkpoint_every)
     _print_summary(table, out)
     return 0
 
@@ -60,9 +82,14 @@ def run_sweep(args: argparse.Namespace) -> int:
     config, base, out = _prepare(args)
     grid = dict(config.grid)
     grid.update(parse_assignment(text, many=True) for text in args.grid)
-    grid, _ = parse_sweep({"grid": grid}, base)  # validate command-line values before any run
-    seeds = parse_seeds(args.seeds) if args.seeds else config.sweep_seeds
-    table = sweep_to_dir(base, out, grid=grid, seeds=seeds, progress=not args.no_progress, log=print)
+    if args.seeds and "seed" in grid:
+        raise ValueError("command line: --seeds is invalid together with a grid over 'seed'; allowed: one of them, "
+                         "e.g. --seeds 0,1,2 alone")
+    seeds = parse_seeds(args.seeds) if args.seeds else config.seeds
+    # validate command-line values (and distinctness) before any run
+    grid, seeds = parse_sweep({"grid": grid, "seeds": list(seeds)}, base)
+    table = sweep_to_dir(base, out, grid=grid, seeds=seeds or (base.seed,), progress=progress_mode(args), log=print,
+                         checkpoint_every=args.checkpoint_every)
     _print_summary(table, out)
     return 0
 

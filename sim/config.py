@@ -18,18 +18,27 @@ an optional ``[sweep]`` table (``grid``: dotted key -> list of values, ``seeds``
 
 Unknown keys and values of the wrong type raise ValueError naming the key (``Experiment`` checks every field's
 value; this module checks the keys and the sweep table). TOML has no null: leave a key out for its default.
+A grid's values and the seeds must be distinct (a repeated one would run the same experiment twice).
+
+``imports = ["my_tasks"]`` (top level) names modules that register your own tasks or compressors. Importing a
+module runs its code, so only the command line (``python -m sim run|sweep``, ``python -m sim.launch``) imports
+them, as running the config is then your explicit choice; ``load_config`` in Python requires them to be imported
+already unless called with ``allow_imports=True``.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
+import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from compressors.options import check_known_options, invalid
-from .experiment import Experiment
+from .experiment import NESTED_FIELDS, Experiment
 
 try:
     import tomllib  # Python >= 3.11
@@ -40,6 +49,7 @@ except ImportError:  # pragma: no cover - Python 3.10: the tomli backport has th
         tomllib = None
 
 SWEEP_KEYS = ("grid", "seeds")
+MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 @dataclass(frozen=True)
@@ -76,14 +86,16 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     raise invalid("config", "suffix", path.suffix, "'.toml' or '.json'")
 
 
-def from_mapping(data: Mapping[str, Any], source: str = "") -> Config:
-    """Validate keys, split off ``sweep``, build the Experiment (which validates every value)."""
+def from_mapping(data: Mapping[str, Any], source: str = "", allow_imports: bool = False) -> Config:
+    """Validate keys, import ``imports``, split off ``sweep``, build the Experiment (which validates every value)."""
     fields = [f.name for f in dataclasses.fields(Experiment)]
-    check_known_options("config", data, fields + ["sweep"])
-    for table in ("compressor", "task_options"):
+    check_known_options("config", data, fields + ["sweep", "imports"])
+    import_modules(data.get("imports", []), "config", "imports", allow=allow_imports)
+    for table in NESTED_FIELDS:
         if table in data and not isinstance(data[table], Mapping):
             raise invalid("config", table, data[table], "a table (TOML [section] or JSON object)")
     values = dict(data)
+    values.pop("imports", None)
     sweep = values.pop("sweep", {})
     if "lr_milestones" in values and isinstance(values["lr_milestones"], list):
         values["lr_milestones"] = tuple(values["lr_milestones"])
@@ -104,33 +116,83 @@ def parse_sweep(sweep: Any, experiment: Experiment) -> tuple[dict[str, list[Any]
             raise invalid("config.sweep.grid", key, values, "a non-empty list of values")
         for value in values:  # each grid point must make a valid Experiment: fail before any run starts
             experiment.with_overrides({key: value})
+        check_distinct("config.sweep.grid", key, values)
     seeds = sweep.get("seeds", ())
     if not isinstance(seeds, Sequence) or isinstance(seeds, str) or not all(
             isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise invalid("config.sweep", "seeds", seeds, "a list of integers >= 0")
+    check_distinct("config.sweep", "seeds", seeds)
+    if seeds and "seed" in grid:
+        raise invalid("config.sweep", "seeds", list(seeds), "absent when the grid sweeps 'seed' (give seeds once)")
     return {k: list(v) for k, v in grid.items()}, tuple(seeds)
 
 
-def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
+def check_distinct(owner: str, field: str, values: Sequence[Any]) -> None:
+    """Refuse a repeated value: it would run (and pool, as if independent) the very same experiment twice."""
+    seen: dict[str, Any] = {}
+    for value in values:
+        key = json.dumps(value, sort_keys=True, default=str)
+        if key in seen:
+            raise invalid(owner, field, list(values), f"distinct values ({value!r} is repeated)")
+        seen[key] = value
+
+
+def registering_modules() -> list[str]:
+    """Modules (other than this package's and a script's ``__main__``) that registered a task or a compressor:
+    a spawned process starts fresh, so it imports them again to know those names (``sim.run_distributed``)."""
+    import compressors
+    from .tasks import TASK_REGISTRY
+
+    found = [getattr(f, "__module__", None) for f in [*TASK_REGISTRY.values(), *compressors.REGISTRY.values()]]
+    return sorted({m for m in found if m and m.split(".")[0] not in ("sim", "compressors", "__main__", "__mp_main__")})
+
+
+def import_modules(names: Any, owner: str, field: str, allow: bool = True) -> list[str]:
+    """Import each named module (they register tasks or compressors); a ValueError names a bad or missing one.
+
+    ``allow=False``: import nothing; every module must already be imported (a file read from Python never runs
+    code by itself)."""
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise invalid(owner, field, names, 'a list of module names, e.g. ["my_tasks"]')
+    for name in names:
+        if not isinstance(name, str) or not MODULE_NAME.match(name):
+            raise invalid(owner, field, name, "a module name such as my_tasks or examples.own_model (no file paths)")
+        if name in sys.modules:
+            continue
+        if not allow:
+            raise invalid(owner, field, name, "modules already imported; import it first, or pass allow_imports=True "
+                          "(importing runs the module's code: only for files you trust)")
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise invalid(owner, field, name, f"an importable module ({error}; run from the folder that holds it, "
+                          "or add that folder to PYTHONPATH)") from None
+    return list(names)
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None, *, allow_imports: bool = False) -> Config:
     """A Config from a .toml or .json file; ``overrides`` (dotted keys, as ``--set``) apply before validation,
-    so a command line can supply what the file lacks (e.g. ``task_options.data_dir``)."""
-    return from_mapping(apply_overrides(read_mapping(path), overrides or {}), source=str(path))
+    so a command line can supply what the file lacks (e.g. ``task_options.data_dir``). ``allow_imports``: import
+    the modules the file's ``imports`` names (otherwise they must be imported already)."""
+    return from_mapping(apply_overrides(read_mapping(path), overrides or {}), source=str(path),
+                        allow_imports=allow_imports)
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """{"compressor.rank": 4} sets data["compressor"]["rank"]; only compressor./task_options. nest."""
+    """{"compressor.rank": 4} sets data["compressor"]["rank"]; only compressor., task_options. and
+    optimizer_options. nest."""
     out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
         if not rest:
             out[head] = value
-        elif head in ("compressor", "task_options"):
+        elif head in NESTED_FIELDS:
             nested = out.setdefault(head, {} if head == "task_options" else {"name": "identity"})
             if not isinstance(nested, dict):
                 raise invalid("config", head, nested, "a table (TOML [section] or JSON object)")
             nested[rest] = value
         else:
-            raise invalid("config", key, value, "dotted keys only under 'compressor.' and 'task_options.'")
+            raise invalid("config", key, value, "dotted keys only under " + ", ".join(f"'{n}.'" for n in NESTED_FIELDS))
     return out
 
 
@@ -189,4 +251,5 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         seeds = ()
     if not seeds or any(s < 0 for s in seeds):
         raise invalid("command line", "--seeds", text, "comma-separated integers >= 0, e.g. 0,1,2")
+    check_distinct("command line", "--seeds", seeds)
     return seeds

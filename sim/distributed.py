@@ -168,17 +168,29 @@ def run_distributed(experiment: Experiment | Sequence[Experiment], *, nproc: int
         checkpoint.claim(checkpoint_dir, experiments[0])
     if resume_from is not None:  # refuse unusable checkpoints here, before any process starts
         common_checkpoint_step(resume_from, experiments[0], nproc, ks[0])
-    results = spawn(run_on_rank, nproc, (experiments, ks, collective_timeout, checkpointing), backend=backend,
-                    timeout=timeout, collective_timeout=collective_timeout, threads=threads)
+    from .config import registering_modules
+
+    results = spawn(run_on_rank, nproc, (experiments, ks, collective_timeout, checkpointing, registering_modules()),
+                    backend=backend, timeout=timeout, collective_timeout=collective_timeout, threads=threads)
     return results[0][0] if isinstance(experiment, Experiment) else results[0]
 
 
 def run_on_rank(rank: int, world: int, experiments: list[Experiment], ks: list[int],
-                collective_timeout: float = 60.0, checkpointing: dict | None = None) -> list[Result] | None:
+                collective_timeout: float = 60.0, checkpointing: dict | None = None,
+                imports: Sequence[str] = ()) -> list[Result] | None:
     """What each process runs (also ``python -m sim.launch`` under torchrun): returns rank 0's Results.
-    ``checkpointing``: ``sim.run``'s checkpoint arguments (``resume_from`` a directory, see ``run_distributed``)."""
+    ``checkpointing``: ``sim.run``'s checkpoint arguments (``resume_from`` a directory, see ``run_distributed``);
+    ``imports``: modules that register the experiments' tasks or compressors (``sim.config.registering_modules``)."""
+    import importlib
+
     from .distributed_collective import DistributedCollective
     from .runner import run
+
+    for module in imports:
+        try:
+            importlib.import_module(module)
+        except ImportError:  # not importable here: harmless unless an experiment names what it registers,
+            pass             # which then fails with the usual "task=... is invalid" naming the choices
 
     out = []
     for e, k in zip(experiments, ks):

@@ -6,6 +6,8 @@ updates its own running averages, as separate data-parallel processes would.
 """
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -19,6 +21,9 @@ ENGINES = ("auto", "vmap", "loop")
 #: embedding, linear layers on (B, T, d) inputs, a Python loop over time steps) batch poorly (0.45x on
 #: charlm-lstm); nn.LSTM/GRU have no vmap batching rule at all (vmap loops, and fails in float64).
 LOOP_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.RNNBase, nn.Embedding)
+_REPORTED: set[str] = set()  # slow-fallback reports already given
+_SLOW_FALLBACK = r"performance drop because we have not yet implemented the batching rule for (\S+?)\.? "
+Tensors = dict[str, torch.Tensor]
 
 
 class VmapEngine:
@@ -36,8 +41,36 @@ class VmapEngine:
         """x: (k, B, ...), y: (k, B, ...) -> grads {name: (k, *shape)}, losses (k,), new buffers (k, ...)."""
         self.model.train()
         buffers = {name: b.clone() for name, b in buffers.items()}  # updated in place by BatchNorm below
-        grads, losses = self._grads(params, buffers, x, y)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.filterwarnings("always", message=_SLOW_FALLBACK)
+                grads, losses = self._grads(params, buffers, x, y)
+        except RuntimeError as error:
+            if "vmap" not in str(error) and "batching rule" not in str(error).lower():
+                raise
+            raise ValueError(f"Experiment: engine='vmap' is invalid for this model; allowed: 'loop' (torch.func.vmap "
+                             f"cannot batch it over workers: {str(error).split('. ')[0]}). Use "
+                             "Experiment(engine='loop'): one autograd call per worker, the same gradients, slower"
+                             ) from error
+        self._report(caught)
         return grads, losses, buffers
+
+    def _report(self, caught: list) -> None:
+        """torch.func's "performance drop ... batching rule" warnings, once per process and in our words; any
+        other warning is passed on unchanged."""
+        slow = set()
+        for w in caught:
+            match = re.search(_SLOW_FALLBACK, str(w.message))
+            if match:
+                slow.add(match.group(1))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        message = ", ".join(sorted(slow))
+        if slow and message not in _REPORTED:
+            _REPORTED.add(message)  # once per process (catch_warnings resets Python's own once-registry)
+            warnings.warn(f"engine='vmap': {message} has no batching rule in torch.func, so vmap runs it one worker "
+                          "at a time: same gradients, less speed-up (time engine='loop' if this model is slow)",
+                          stacklevel=3)
 
 
 class LoopEngine:

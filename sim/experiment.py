@@ -16,11 +16,13 @@ import compressors
 from compressors.options import (MAX_SEED, check_bool, check_choice, check_float, check_int, check_known_options,
                                   invalid)
 from .engine import ENGINES
+from .optim import OPTIMIZERS, check_optimizer_options, make_optimizer
 from .sharding import SHARDINGS
 from .tasks import validate_task
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 NONFINITE_POLICIES = ("raise", "skip_step")
+NESTED_FIELDS = ("compressor", "task_options", "optimizer_options")  # tables of options: dotted keys reach inside
 UPDATE_HEADROOM = 1e6  # lr and weight_decay are at most finfo(dtype).max / this (see Experiment._check_step_sizes)
 
 
@@ -37,6 +39,10 @@ class Experiment:
     lr_warmup_steps: int = 0
     lr_milestones: tuple[int, ...] = ()
     lr_decay: float = 0.1
+    # applied to the aggregated update: "sgd" (momentum, nesterov above), "adam" or "adamw" (betas, eps, amsgrad
+    # in optimizer_options; lr, weight_decay, warm-up and decay shared). See sim/optim.py.
+    optimizer: str = "sgd"
+    optimizer_options: Mapping[str, Any] = field(default_factory=dict)
     compressor: Mapping[str, Any] = field(default_factory=lambda: {"name": "identity"})
     task_options: Mapping[str, Any] = field(default_factory=dict)
     sharding: str = "iid"
@@ -77,6 +83,7 @@ class Experiment:
             raise invalid(own, "lr_milestones", milestones, "a list of step numbers >= 0")
         object.__setattr__(self, "lr_milestones", tuple(sorted(milestones)))
         check_float(own, "lr_decay", self.lr_decay, minimum=0.0, maximum=1.0, min_inclusive=False)
+        self._check_optimizer()
         self._check_compressor()
         check_choice(own, "sharding", self.sharding, SHARDINGS)
         check_float(own, "label_skew_alpha", self.label_skew_alpha, minimum=0.0, min_inclusive=False)
@@ -92,6 +99,23 @@ class Experiment:
         if self.network is not None:
             from .cost import resolve_network  # the cost model validates its own fields
             resolve_network(self.network)
+
+    def _check_optimizer(self):
+        check_choice("Experiment", "optimizer", self.optimizer, OPTIMIZERS)
+        if self.optimizer != "sgd":  # momentum/nesterov are SGD's; Adam's moments are optimizer_options["betas"]
+            for name in ("momentum", "nesterov"):
+                default = _FIELD_DEFAULTS[name]
+                if getattr(self, name) != default:
+                    raise invalid("Experiment", name, getattr(self, name),
+                                  f"{default!r} (the default) with optimizer={self.optimizer!r}: {name} applies only "
+                                  "to optimizer='sgd'; Adam's averaging is optimizer_options['betas']")
+        check_optimizer_options(self.optimizer, self.optimizer_options)  # raises naming the bad option
+        options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.optimizer_options.items()}
+        object.__setattr__(self, "optimizer_options", options)  # plain data: the same after a JSON round trip
+
+    def make_optimizer(self):
+        return make_optimizer(self.optimizer, self.optimizer_options, momentum=self.momentum, nesterov=self.nesterov,
+                              weight_decay=self.weight_decay)
 
     def _check_step_sizes(self):
         """lr and weight_decay must leave room in the run's dtype: at most finfo(dtype).max / UPDATE_HEADROOM.
@@ -138,15 +162,17 @@ class Experiment:
         return dataclasses.replace(self, **changes)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "Experiment":
-        """Apply dotted keys: "lr", "compressor.rank", "task_options.hidden" ("compressor.name" switches it)."""
+        """Apply dotted keys: "lr", "compressor.rank", "task_options.hidden", "optimizer_options.eps"
+        ("compressor.name" switches it)."""
         fields = {f.name for f in dataclasses.fields(self)}
         changes: dict[str, Any] = {}
         for key, value in overrides.items():
             head, _, rest = key.partition(".")
             check_known_options("Experiment", [head], fields)
             if rest:
-                if head not in ("compressor", "task_options"):
-                    raise invalid("Experiment", key, value, "dotted keys only under 'compressor.' and 'task_options.'")
+                if head not in NESTED_FIELDS:
+                    raise invalid("Experiment", key, value, "dotted keys only under "
+                                  + ", ".join(f"'{n}.'" for n in NESTED_FIELDS))
                 nested = changes.setdefault(head, copy.deepcopy(dict(getattr(self, head))))
                 nested[rest] = value
             else:
@@ -159,3 +185,6 @@ class Experiment:
         if self.network is not None and not isinstance(self.network, (str, dict)):
             out["network"] = dataclasses.asdict(self.network) if dataclasses.is_dataclass(self.network) else repr(self.network)
         return out
+
+
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Experiment) if f.default is not dataclasses.MISSING}

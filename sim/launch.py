@@ -1,12 +1,16 @@
 """``python -m sim.launch``: run an Experiment on real processes, under torchrun or on its own.
 
     torchrun --nproc_per_node 4 -m sim.launch --experiment '{"workers": 64, "compressor": {"name": "powersgd"}}'
-    python -m sim.launch --nproc 2 --experiment exp.json --out result.pt      # spawns its own processes
+    python -m sim.launch --nproc 2 --experiment exp.toml --out results/real      # spawns its own processes
+    python -m sim.launch --nproc 2 --experiment exp.json --out result.pt         # the Result object itself
 
-Under torchrun (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set) each process joins the group with
-``init_method="env://"`` and emulates ``workers / WORLD_SIZE`` workers (``--workers-per-process``);
+``--experiment`` is a .toml/.json config read by the same loader as ``python -m sim run`` (``sim.config``: an
+unknown key is a one-line error naming it; ``imports`` and ``--import`` load your tasks and compressors), or the
+fields as inline JSON. Under torchrun (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set) each process joins the
+group with ``init_method="env://"`` and emulates ``workers / WORLD_SIZE`` workers (``--workers-per-process``);
 otherwise ``sim.run_distributed`` spawns ``--nproc`` processes. Rank 0 prints the final metrics and, with
-``--out``, saves the ``Result`` with ``torch.save``.
+``--out DIR``, stores the run in the ``DIR/runs/<run_id>/`` layout that ``sim.load_results`` reads (with
+``--out FILE.pt``: saves the ``Result`` with ``torch.save``).
 """
 from __future__ import annotations
 
@@ -15,32 +19,65 @@ import datetime
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
+from .cli_types import Parser, add_import_option, positive_int, positive_number, run_command
+
+PROG = "python -m sim.launch"
+
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m sim.launch", description=__doc__.split("\n")[0])
-    parser.add_argument("--experiment", default="{}", help="Experiment fields as JSON, or a path to a JSON file")
-    parser.add_argument("--nproc", type=int, default=2, help="processes to spawn when not under torchrun")
-    parser.add_argument("--workers-per-process", type=int, default=None)
-    parser.add_argument("--backend", default="gloo", choices=("gloo", "nccl"))
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds any collective may take")
-    parser.add_argument("--out", default=None, help="where rank 0 saves the Result (torch.save)")
-    parser.add_argument("--checkpoint-dir", default=None, help="every process writes its checkpoints here")
-    parser.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
+    parser = Parser(prog=PROG, description="Run an Experiment on real processes, under torchrun or on its own "
+                                           "(docs/cli.md).")
+    parser.add_argument("--experiment", default="{}",
+                        help="a .toml/.json config (its base experiment, as python -m sim run), e.g. --experiment "
+                             "exp.toml, or Experiment fields as JSON, e.g. "
+                             "--experiment '{\"workers\": 4, \"steps\": 50}'")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field, e.g. --set steps=100 --set compressor.rank=4 (repeatable)")
+    parser.add_argument("--nproc", type=positive_int, default=2,
+                        help="processes to spawn when not under torchrun, e.g. --nproc 4 (default 2)")
+    parser.add_argument("--workers-per-process", type=positive_int, default=None,
+                        help="workers each process emulates, e.g. --workers-per-process 8 "
+                             "(default workers / processes)")
+    parser.add_argument("--backend", default="gloo", choices=("gloo", "nccl"),
+                        help="torch.distributed backend, e.g. --backend nccl on GPUs (default gloo)")
+    parser.add_argument("--timeout", type=positive_number, default=60.0,
+                        help="seconds any collective may take, e.g. --timeout 300 (default 60)")
+    parser.add_argument("--out", default=None,
+                        help="a results directory, e.g. --out results/real (read with sim.load_results), or a .pt "
+                             "file for the Result object, e.g. --out result.pt")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="every process writes its checkpoints here, e.g. --checkpoint-dir ckpt")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=None,
+                        help="steps between checkpoints, e.g. --checkpoint-every 100")
     parser.add_argument("--resume-from", default=None,
-                        help="a checkpoint directory: continue from the newest step every process holds")
+                        help="a checkpoint directory: continue from the newest step every process holds, e.g. "
+                             "--resume-from ckpt")
+    add_import_option(parser)
     return parser.parse_args(argv)
 
 
-def load_experiment(text: str):
-    from .experiment import Experiment
+def load_experiment(text: str, overrides: dict | None = None):
+    """The Experiment of a .toml/.json config file or of inline JSON, through ``sim.config``: as ``python -m sim
+    run``, the config's base experiment (its ``[sweep]`` table is validated, and used by ``python -m sim sweep``)."""
+    from .config import apply_overrides, from_mapping, load_config
 
-    fields = json.load(open(text)) if os.path.exists(text) else json.loads(text)
-    if not isinstance(fields, dict):
-        raise ValueError(f"sim.launch: experiment={text!r} is invalid; allowed: a JSON object of Experiment fields")
-    return Experiment(**fields)
+    if text.endswith((".toml", ".json")) or os.path.exists(text):
+        config = load_config(text, overrides, allow_imports=True)  # a command line: the file's imports run
+    else:
+        try:
+            fields = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"sim.launch: experiment={text!r} is invalid; allowed: an existing .toml/.json config or "
+                             f"a JSON object of Experiment fields (not JSON: {error})") from None
+        if not isinstance(fields, dict):
+            raise ValueError(f"sim.launch: experiment={text!r} is invalid; allowed: a .toml/.json config or a JSON "
+                             "object of Experiment fields")
+        config = from_mapping(apply_overrides(fields, overrides or {}), source="--experiment", allow_imports=True)
+    return config.experiment  # as `python -m sim run`: the base experiment (a [sweep] table is for `sweep`)
 
 
 def checkpointing(args: argparse.Namespace) -> dict:
@@ -55,7 +92,14 @@ def checkpointing(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    experiment = load_experiment(args.experiment)
+    return run_command(lambda: launch(args), PROG)
+
+
+def launch(args: argparse.Namespace) -> int:
+    from .config import import_modules, parse_assignment
+
+    import_modules(args.imports, "command line", "--import")
+    experiment = load_experiment(args.experiment, dict(parse_assignment(t, many=False) for t in args.set))
     options = checkpointing(args)  # bad checkpoint options fail here, before any process group exists
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun (or any env:// launcher)
         import torch.distributed as dist
@@ -84,8 +128,19 @@ def main(argv: list[str] | None = None) -> int:
         last = result.history.iloc[-1].to_dict()
         print(json.dumps({k: v for k, v in last.items() if isinstance(v, (int, float))}, default=float))
         if args.out:
-            torch.save(result, args.out)
+            save(result, experiment, args.out)
     return 0
+
+
+def save(result, experiment, out: str) -> None:
+    """``out.pt``: the Result (torch.save); anything else: a results directory (``sim.store`` layout)."""
+    if out.endswith(".pt"):
+        torch.save(result, out)
+        return
+    from .store import ResultsStore
+
+    folder = ResultsStore(Path(out)).write(experiment, result)
+    print(f"results in {out} (sim.load_results({out!r})): {folder.name}")
 
 
 if __name__ == "__main__":

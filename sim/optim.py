@@ -1,21 +1,51 @@
-"""SGD applied after aggregation (PowerSGD paper, Alg. 2): weight decay, momentum and Nesterov act on the
-aggregated update, identically on every worker. Functional: the momentum buffers are explicit state.
+"""Optimizers applied after aggregation (PowerSGD paper, Alg. 2): every worker applies the same rule to the
+same aggregated update, so one copy of the parameters and of the optimizer state serves them all.
+
+Functional: ``init(params) -> state``, ``step(params, update, state, lr) -> (params, state)``; the state is an
+explicit NamedTuple of plain tensors (checkpointable, comparable). Each rule performs the same tensor
+operations, in the same order, as its ``torch.optim`` counterpart's single-tensor path (``foreach=False``), so
+fed the same gradients and learning rates the two agree to rounding (tests/test_optim_adam.py checks 1e-12 in
+float64).
+
+    sgd    weight decay, momentum, Nesterov          torch.optim.SGD
+    adam   L2 weight decay added to the gradient     torch.optim.Adam  (Kingma & Ba 2015, Alg. 1)
+    adamw  decoupled weight decay                    torch.optim.AdamW (Loshchilov & Hutter 2019, Alg. 2)
+
+The learning rate comes from ``learning_rate`` (warm-up and step decay), shared by every optimizer.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
+from compressors.options import check_bool, check_float, check_known_options, invalid
 from compressors.serialization import register_record
 
 Tensors = dict[str, torch.Tensor]
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+#: optimizer name -> its ``optimizer_options`` and their defaults (torch.optim's defaults).
+OPTIMIZER_OPTIONS: dict[str, dict[str, Any]] = {
+    "sgd": {},  # momentum and nesterov are Experiment fields
+    "adam": {"betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False},
+    "adamw": {"betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False},
+}
 
 
 @register_record
 class SGDState(NamedTuple):
     momentum: Tensors  # (*shape) per parameter
+
+
+@register_record
+class AdamState(NamedTuple):
+    step: int  # updates applied so far (skipped steps do not count), the t of the bias correction
+    exp_avg: Tensors  # first moment m, (*shape) per parameter
+    exp_avg_sq: Tensors  # second moment v, (*shape) per parameter
+    max_exp_avg_sq: Tensors  # amsgrad: running max of v, (*shape); empty without amsgrad
 
 
 @dataclass(frozen=True)
@@ -46,6 +76,89 @@ class SGD:
                 new_momentum[name] = state.momentum[name]
             new_params[name] = p.add(d, alpha=-lr)
         return new_params, SGDState(new_momentum)
+
+
+@dataclass(frozen=True)
+class Adam:
+    """Adam (``decoupled=False``, torch.optim.Adam) or AdamW (``decoupled=True``, torch.optim.AdamW).
+
+    With g the aggregated update, t the step count, lr this step's learning rate:
+        Adam:  g <- g + wd * theta                   AdamW: theta <- theta * (1 - lr * wd)
+        m <- beta1 m + (1 - beta1) g   (as lerp(m, g, 1 - beta1), torch's form)
+        v <- beta2 v + (1 - beta2) g^2
+        theta <- theta - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+    (amsgrad: v replaced by its running maximum in the denominator; Reddi et al. 2018.)
+    """
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    decoupled: bool = False
+    amsgrad: bool = False
+
+    def init(self, params: Tensors) -> AdamState:
+        zeros = lambda: {name: torch.zeros_like(p) for name, p in params.items()}  # noqa: E731
+        return AdamState(0, zeros(), zeros(), zeros() if self.amsgrad else {})
+
+    def step(self, params: Tensors, update: Tensors, state: AdamState, lr: float) -> tuple[Tensors, AdamState]:
+        beta1, beta2 = self.betas
+        t = state.step + 1
+        bias_correction1 = 1 - beta1 ** float(t)  # torch keeps t as a float tensor and reads it with .item()
+        bias_correction2 = 1 - beta2 ** float(t)
+        step_size = lr / bias_correction1
+        bias_correction2_sqrt = bias_correction2 ** 0.5
+        new_params, exp_avgs, exp_avg_sqs, maxima = {}, {}, {}, {}
+        for name, p in params.items():
+            g = update[name].to(p.dtype)
+            if self.weight_decay != 0:
+                if self.decoupled:
+                    p = p.mul(1 - lr * self.weight_decay)
+                else:
+                    g = g.add(p, alpha=self.weight_decay)
+            m = state.exp_avg[name].lerp(g, 1 - beta1)
+            v = state.exp_avg_sq[name].mul(beta2).addcmul_(g, g, value=1 - beta2)
+            if self.amsgrad:
+                v_max = torch.maximum(state.max_exp_avg_sq[name], v)
+                maxima[name] = v_max
+                denom = (v_max.sqrt() / bias_correction2_sqrt).add_(self.eps)
+            else:
+                denom = (v.sqrt() / bias_correction2_sqrt).add_(self.eps)
+            new_params[name] = p.addcdiv(m, denom, value=-step_size)
+            exp_avgs[name], exp_avg_sqs[name] = m, v
+        return new_params, AdamState(t, exp_avgs, exp_avg_sqs, maxima)
+
+
+def check_optimizer_options(optimizer: str, options: Any) -> dict[str, Any]:
+    """``optimizer_options`` for ``optimizer`` with defaults filled in; a ValueError names a bad key or value."""
+    owner = "Experiment.optimizer_options"
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+        raise invalid("Experiment", "optimizer_options", options, "a mapping of option names to values, e.g. "
+                      '{"betas": [0.9, 0.999], "eps": 1e-8}')
+    allowed = OPTIMIZER_OPTIONS[optimizer]
+    if not allowed and options:
+        name = next(iter(options))
+        hint = " (momentum and nesterov are Experiment fields)" if name in ("momentum", "nesterov") else ""
+        raise ValueError(f"{owner} for {optimizer!r}: unknown option {name!r}; allowed options: none{hint}")
+    check_known_options(f"{owner} for {optimizer!r}", options, allowed)
+    values = {**allowed, **options}
+    if "betas" in allowed:
+        betas = values["betas"]
+        if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+            raise invalid(owner, "betas", betas, "two numbers in [0, 1), e.g. [0.9, 0.999]")
+        values["betas"] = (float(betas[0]), float(betas[1]))
+        check_float(owner, "eps", values["eps"], minimum=0.0)
+        check_bool(owner, "amsgrad", values["amsgrad"])
+    return values
+
+
+def make_optimizer(optimizer: str, options: Mapping[str, Any], *, momentum: float, nesterov: bool,
+                   weight_decay: float) -> SGD | Adam:
+    """The optimizer an Experiment names (its fields already validated)."""
+    if optimizer == "sgd":
+        return SGD(momentum, nesterov, weight_decay)
+    values = check_optimizer_options(optimizer, options)
+    return Adam(values["betas"], float(values["eps"]), weight_decay, decoupled=optimizer == "adamw",
+                amsgrad=values["amsgrad"])
 
 
 def learning_rate(step: int, base: float, warmup_steps: int, milestones: tuple[int, ...], decay: float) -> float:

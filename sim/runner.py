@@ -25,7 +25,7 @@ from .collective import VirtualCollective
 from .engine import evaluate, make_engine
 from .experiment import Experiment
 from .models import build
-from .optim import SGD, SGDState, learning_rate
+from .optim import AdamState, SGDState, learning_rate
 from .result import Result
 from .sharding import BatchSampler, make_shards
 from .tasks import Task, load_task
@@ -38,7 +38,7 @@ class TrainState(NamedTuple):
     step: int  # steps completed
     params: Tensors  # (*shape), one copy shared by all workers
     buffers: Tensors  # (k, *shape), per worker
-    optimizer: SGDState
+    optimizer: SGDState | AdamState  # the state of Experiment.optimizer
     aggregator: Any  # the compressor's nested state
     bits: int  # cumulative payload bits sent per worker
     skipped_steps: int  # steps dropped by nonfinite="skip_step"
@@ -65,11 +65,12 @@ class Simulation:
         self.model = build(self.task.model, e.seed, dtype=e.torch_dtype)
         self.engine = make_engine(e.engine, self.model, self.task.loss)
         self.aggregator = e.make_compressor()
-        self.optimizer = SGD(e.momentum, e.nesterov, e.weight_decay)
+        self.optimizer = e.make_optimizer()
         shards = make_shards(self.task.labels if self.task.labels is not None else torch.zeros(len(self.task.train_x)),
                              e.workers, e.sharding, e.label_skew_alpha, e.seed)
         self.sampler = BatchSampler(shards, e.batch_size, e.seed)
         self.shapes = {name: tuple(p.shape) for name, p in self.model.named_parameters()}
+        self.last_metrics: dict[str, float] = {}  # the latest step's metrics, for on_step callbacks (see run)
         if e.compressor.get("name") != "identity":  # the exact all-reduce is the dense baseline, not degenerate
             warn_if_dense(self.aggregator, self.shapes, f"compressor {dict(e.compressor)}", e.torch_dtype)
         self.network = None
@@ -115,10 +116,12 @@ class Simulation:
             return self._skip(state, metrics, f"non-finite compressor output in {bad or 'another process'} from "
                                               "finite gradients (an overflow, e.g. of a 16-bit cast or factor)")
         params, opt_state = self.optimizer.step(state.params, update, state.optimizer, metrics["lr"])
-        # A finite update can still overflow the parameters or momentum (lr * update beyond the dtype's range).
-        # Parameters and momentum are identical on every process (the update is), so all decide alike unvoted.
-        bad = _nonfinite_any(params) + [f"momentum {n}" for n in (_nonfinite_any(opt_state.momentum)
-                                                                    if e.momentum else [])]
+        # A finite update can still overflow the parameters or the optimizer's state (lr * update beyond the
+        # dtype's range, a squared update in Adam's second moment). Both are identical on every process (the
+        # update is), so all decide alike unvoted. SGD without momentum keeps its zero buffers: nothing to check.
+        moving = e.optimizer != "sgd" or e.momentum
+        bad = _nonfinite_any(params) + [f"optimizer {n}" for n in (_nonfinite_any(dict(_float_leaves(opt_state)))
+                                                                     if moving else [])]
         if bad:
             return self._skip(state, metrics, f"non-finite parameter after the optimizer step in {bad} (an overflow "
                                               f"of lr={metrics['lr']:g} times the update)")
@@ -262,7 +265,9 @@ def _should_eval(experiment: Experiment, step: int) -> bool:
 def run(experiment: Experiment, *, comm=None, local_workers: range | None = None, progress: bool = False,
         simulation: Simulation | None = None, state: TrainState | None = None,
         on_step=None, checkpoint_dir=None, checkpoint_every: int | None = None, resume_from=None) -> Result:
-    """Run an experiment; returns its Result. ``on_step(simulation, state)`` is called after every step;
+    """Run an experiment; returns its Result. ``on_step(simulation, state)`` is called after every step, with
+    that step's metrics in ``simulation.last_metrics`` (a dict: step, lr, train_loss, bits, ...; test_loss and
+    test_accuracy on evaluated steps; e.g. ``sim.logging_tb.TensorBoardLogger``);
     ``state`` continues from a TrainState. ``checkpoint_dir``/``checkpoint_every``: write a checkpoint every
     that many steps and at the end; ``resume_from``: a checkpoint directory (its latest) or file to continue
     from, history included, bitwise as if never interrupted (``sim.checkpoint``)."""
@@ -291,6 +296,7 @@ def run(experiment: Experiment, *, comm=None, local_workers: range | None = None
         if logged:
             rows.append(metrics)
         if on_step is not None:
+            sim.last_metrics = metrics  # what the callback may read: this step's metrics (test_* when evaluated)
             on_step(sim, state)
         if checkpoint_dir is not None and (state.step % checkpoint_every == 0 or state.step == experiment.steps):
             checkpoint.save(checkpoint_dir, experiment, state, rows, ledger=sim.comm.ledger,

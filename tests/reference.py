@@ -11,7 +11,6 @@ import torch
 
 import compressors
 from compressors.powersgd import PowerSGDState, group_by_matrix_shape
-from sim.collective import VirtualCollective
 
 
 def reference_mean(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -157,15 +156,7 @@ class ReferencePowerSGD:
         return reference_mean(self.memory[name])
 
 
-def run_steps(agg, grads_list, shapes, workers, seed=0, dtype=torch.float32):
-    """Feed a list of gradient dicts to a fresh aggregator on a fresh virtual collective."""
-    state = agg.init(shapes, workers=workers, seed=seed, dtype=dtype)
-    comm = VirtualCollective(workers)
-    updates = []
-    for grads in grads_list:
-        update, state = agg.aggregate(grads, state, comm)
-        updates.append(update)
-    return updates, state, comm
+from compressors.testing import run_steps  # noqa: E402,F401  (one definition, shared with the public battery)
 
 
 def flat_leaves(tree) -> list:

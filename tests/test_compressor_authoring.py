@@ -22,6 +22,16 @@ from compressors.testing import ContractError, check_compressor, random_grads
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "my_compressor.py"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _unregister_example_afterwards():
+    """Registering is process-wide: leave the registry as this file found it, so registry-driven tests that run
+    later in the same process (and compare against spawned processes that never import the example) see only
+    the built-in compressors."""
+    yield
+    compressors.REGISTRY.pop("row_topk", None)
+    sys.modules.pop("my_compressor", None)
+
+
 def example():
     """The example module, imported once per process (importing it registers "row_topk")."""
     if "my_compressor" not in sys.modules:

@@ -124,5 +124,7 @@ def test_launch_command_line_checkpoints_and_resumes(tmp_path):
     assert main([*base, "--resume-from", str(tmp_path / "ckpt"), "--out", str(tmp_path / "resumed.pt")]) == 0
     full, resumed = (torch.load(tmp_path / f"{n}.pt", weights_only=False) for n in ("full", "resumed"))
     _assert_same_run(full, resumed)
-    with pytest.raises(ValueError, match="checkpoint_every"):
+    with pytest.raises(SystemExit) as exit_:  # the command line refuses it: a one-line error, status 2
         main([*base, "--checkpoint-dir", str(tmp_path), "--checkpoint-every", "-1"])
+    assert exit_.value.code == 2
+    assert main([*base, "--checkpoint-every", "3"]) == 2  # without --checkpoint-dir: refused before any process

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import compressors
+from compressors import hook_state_io
 from sim.collective import VirtualCollective
 from sim.distributed import spawn
 
@@ -288,6 +289,19 @@ def test_hook_options_are_validated():
         compressors.ddp_comm_hook(compressors.make("identity"), rank=2)
     state, _ = compressors.ddp_comm_hook("identity")
     saved = state.state_dict()
-    assert {k: saved[k] for k in ("format_version", "seed", "calls", "buckets")} == {
-        "format_version": state.FORMAT_VERSION, "seed": 0, "calls": 0, "buckets": []}
+    assert {k: saved[k] for k in ("format_version", "seed", "calls", "steps", "buckets")} == {
+        "format_version": hook_state_io.FORMAT_VERSION, "seed": 0, "calls": 0, "steps": 0, "buckets": []}
     assert len(saved["checksum"]) == 64  # a SHA-256 in hex
+
+
+def test_hook_state_keeps_its_optimizer_step_count():
+    """The warm-up counts optimizer steps: a resumed hook continues the count instead of starting over."""
+    state, _ = compressors.ddp_comm_hook("powersgd", rank=1, start_compressing_after_num_steps=10)
+    state.steps = 7
+    saved = state.state_dict()
+    fresh, _ = compressors.ddp_comm_hook("powersgd", rank=1, start_compressing_after_num_steps=10)
+    fresh.load_state_dict(saved)
+    assert fresh.steps == 7
+    saved["steps"] = -1
+    with pytest.raises(ValueError, match="checksum|steps"):
+        fresh.load_state_dict(saved)
