@@ -47,12 +47,31 @@ class Group(NamedTuple):
     rank: int
 
 
-def group_by_matrix_shape(shapes, rank: int) -> list[Group]:
-    """Same matrix-view shapes batch together; the effective rank is capped at min(n, m)."""
-    members: dict[tuple[int, int], list[str]] = {}
+def group_by_matrix_shape(shapes, rank, separate: bool = False) -> list[Group]:
+    """Same matrix-view shapes (and ranks) batch together; the effective rank is capped at min(n, m).
+
+    rank: one rank for every tensor, or {name: rank}. A shape class whose tensors share one rank is keyed
+    "{n}x{m}"; one split by different ranks is keyed "{n}x{m}r{rank}" per rank. ``separate``: one group per
+    tensor, keyed by its name (its factors then keep their key whatever ranks the other tensors take).
+    """
+    rank_of = (lambda name: rank) if isinstance(rank, int) else (lambda name: rank[name])
+    members: dict[tuple[int, int, int], list[str]] = {}
+    ranks_of_shape: dict[tuple[int, int], set[int]] = {}
     for name, shape in shapes.items():
-        members.setdefault(matrix_view_shape(tuple(shape)), []).append(name)
-    return [Group(f"{n}x{m}", tuple(names), n, m, min(rank, n, m)) for (n, m), names in members.items()]
+        n, m = matrix_view_shape(tuple(shape))
+        r = min(rank_of(name), n, m)
+        key = (n, m, r, name) if separate else (n, m, r)
+        members.setdefault(key, []).append(name)
+        ranks_of_shape.setdefault((n, m), set()).add(r)
+    groups = []
+    for key, names in members.items():
+        n, m, r = key[:3]
+        if separate:
+            label = names[0]
+        else:
+            label = f"{n}x{m}" if len(ranks_of_shape[(n, m)]) == 1 else f"{n}x{m}r{r}"
+        groups.append(Group(label, tuple(names), n, m, r))
+    return groups
 
 
 def keep_nonzero(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -119,8 +138,12 @@ class PowerSGDKernel(Aggregator):
     all_reducible = True
 
     def __init__(self, rank: int, num_iters_per_step: int = 1, warm_start: bool = True, variant: str = "paper",
-                 orthogonalization: str = "qr", epsilon: float = 1e-8, seed: int | None = None):
+                 orthogonalization: str = "qr", epsilon: float = 1e-8, seed: int | None = None,
+                 layer_rank=None, separate: bool = False):
         self.rank = rank
+        # name -> rank (``compressors.rank_layers``), or None: ``rank`` for every tensor
+        self.layer_rank = layer_rank
+        self.separate = separate  # one group per tensor (ranks that change per tensor over time)
         self.num_iters_per_step = num_iters_per_step
         self.warm_start = warm_start
         self.variant = variant
@@ -128,11 +151,21 @@ class PowerSGDKernel(Aggregator):
         self.epsilon = epsilon
         self.seed = seed
 
+    def ranks(self, shapes) -> int | dict[str, int]:
+        """The configured rank of every tensor: ``rank``, or {name: rank} with per-layer ranks."""
+        if self.layer_rank is None:
+            return self.rank
+        return {name: self.layer_rank(name) for name in shapes}
+
+    def groups(self, shapes, ranks=None) -> list[Group]:
+        """The batched groups for ``ranks`` (default: the configured ranks)."""
+        return group_by_matrix_shape(shapes, self.ranks(shapes) if ranks is None else ranks, self.separate)
+
     # -- state -------------------------------------------------------------------------------------------
     def init(self, shapes, workers, seed=0, dtype=torch.float32, device="cpu"):
         generator = torch.Generator().manual_seed(seed if self.seed is None else self.seed)
         p, q = {}, {}
-        for group in group_by_matrix_shape(shapes, self.rank):
+        for group in self.groups(shapes):
             g = len(group.names)
             # Drawn on the CPU from one seeded generator: identical on every worker and every device.
             p[group.key] = torch.randn((g, group.n, group.rank), generator=generator).to(dtype=dtype, device=device)
@@ -141,9 +174,14 @@ class PowerSGDKernel(Aggregator):
 
     # -- one step ----------------------------------------------------------------------------------------
     def reduce(self, grads, state, comm, want_local=False):
-        return self._reduce(grads, state, comm, want_local, residual=False)
+        return self.reduce_at_ranks(grads, state, comm, want_local)
 
-    def reduce_residual(self, x, state, comm):
+    def reduce_at_ranks(self, grads, state, comm, want_local=False, ranks=None):
+        """``reduce`` with other ranks than the configured ones ({name: rank} or one rank); ``state``'s factors
+        must have those ranks (``compressors.rank_control`` slices its stored factors to them)."""
+        return self._reduce(grads, state, comm, want_local, residual=False, ranks=ranks)
+
+    def reduce_residual(self, x, state, comm, ranks=None):
         """``reduce(x)`` that also leaves each worker's residual x_i - C_i(x_i) in ``x`` (overwritten in place).
 
         For local error feedback, whose x = g + e is its own temporary: the residual is formed by one fused
@@ -151,11 +189,11 @@ class PowerSGDKernel(Aggregator):
         (Reduced(update, None), state, residuals) with ``residuals[name]`` x[name] itself (or, where it
         could not be written in place, a new tensor).
         """
-        return self._reduce(x, state, comm, want_local=False, residual=True)
+        return self._reduce(x, state, comm, want_local=False, residual=True, ranks=ranks)
 
-    def _reduce(self, grads, state, comm, want_local, residual):
+    def _reduce(self, grads, state, comm, want_local, residual, ranks=None):
         workers = check_grads("powersgd", grads)
-        groups = group_by_matrix_shape({n: g.shape[1:] for n, g in grads.items()}, self.rank)
+        groups = self.groups({n: g.shape[1:] for n, g in grads.items()}, ranks)
         generator = torch.Generator().manual_seed(0)
         generator.set_state(state.rng)
         paper = self.variant == "paper"
@@ -260,8 +298,12 @@ class PowerSGDKernel(Aggregator):
     def bits_per_step(self, shapes, dtype=torch.float32):
         """Paper: T r (n + m) elements per matrix per step. Alternating: one factor per iteration, so
         T r (n + m) / 2 on average over two steps (exact per step when T is even)."""
+        return self.bits_at_ranks(shapes, None, dtype=dtype)
+
+    def bits_at_ranks(self, shapes, ranks, *, dtype=torch.float32):
+        """``bits_per_step`` at other ranks than the configured ones ({name: rank}, one rank, or None)."""
         elements = 0
-        for gr in group_by_matrix_shape(shapes, self.rank):
+        for gr in self.groups(shapes, ranks):
             elements += len(gr.names) * gr.rank * (gr.n + gr.m)
         elements *= self.num_iters_per_step
         bits = elements * dtype_bits(dtype)
@@ -279,7 +321,14 @@ class PowerSGDKernel(Aggregator):
         rank 2, for any number of iterations); with epsilon > 0 an input of tiny scale (|x| ~ 1e-12) keeps
         its share only up to ||P||/(||P|| + epsilon).
         """
-        per_matrix = [self._matrix_claim(*matrix_view_shape(tuple(s))) for s in shapes.values()]
+        return self.theory_at_ranks(shapes, None)
+
+    def theory_at_ranks(self, shapes, ranks) -> TheoryClaim:
+        """``theory`` with other ranks than the configured ones ({name: rank}, one rank, or None)."""
+        ranks = self.ranks(shapes) if ranks is None else ranks
+        rank_of = (lambda name: ranks) if isinstance(ranks, int) else (lambda name: ranks[name])
+        per_matrix = [self._matrix_claim(*matrix_view_shape(tuple(s)), rank=rank_of(name))
+                      for name, s in shapes.items()]
         if not per_matrix or all(c.kind == "exact" for c in per_matrix):
             return TheoryClaim(kind="exact", omega=0.0, delta=1.0,
                                deterministic=all(c.deterministic for c in per_matrix),
@@ -290,7 +339,7 @@ class PowerSGDKernel(Aggregator):
         return TheoryClaim(kind=weakest[0].kind, delta=delta, deterministic=weakest[0].deterministic,
                            per_worker=all(c.per_worker for c in per_matrix), premise=weakest[0].premise)
 
-    def _matrix_claim(self, n: int, m: int) -> TheoryClaim:
+    def _matrix_claim(self, n: int, m: int, rank: int | None = None) -> TheoryClaim:
         """The class of one n x m matrix at rank r = min(rank, n, m).
 
         - exact: "paper" with an exact basis and r = n (P^ is a square orthogonal matrix, for every start),
@@ -304,7 +353,7 @@ class PowerSGDKernel(Aggregator):
           delta = r/max(n, m), for each worker (``theory.lowrank.random_subspace_delta``).
         - nonexpansive otherwise (warm start, or Gram-Schmidt): delta = 0 in the worst case.
         """
-        r = min(self.rank, n, m)
+        r = min(self.rank if rank is None else rank, n, m)
         exact_basis = self.orthogonalization == "qr"  # Gram-Schmidt: shrunk columns (epsilon > 0) or NaN (0)
         cold = not self.warm_start
         paper = self.variant == "paper"

@@ -4,10 +4,14 @@ from __future__ import annotations
 from .base import Aggregator
 from .error_feedback import ERROR_FEEDBACK_MODES
 from .identity import Identity
-from .options import MAX_SEED, check_bool, check_choice, check_float, check_int
+from .options import MAX_SEED, check_bool, check_choice, check_float, check_int, invalid
 from .orthogonalize import ORTHOGONALIZATIONS
 from .policies import compose
 from .powersgd import VARIANTS, PowerSGDKernel
+from .rank_adaptive import parse_adaptive
+from .rank_control import RankControl, RankedPowerSGD
+from .rank_layers import LayerRanks, parse_layer_ranks, parse_rank_allocation
+from .rank_schedule import parse_rank_schedule
 from .registry import register
 
 
@@ -25,12 +29,32 @@ def make_identity(*, error_feedback: str = "none") -> Aggregator:
 
 
 @register("powersgd")
-def make_powersgd(*, rank: int = 1, num_iters_per_step: int = 1, warm_start: bool = True, variant: str = "paper",
-                  orthogonalization: str = "qr", epsilon: float = 1e-8, min_compression_rate: float = 2.0,
-                  start_compressing_after_num_steps: int = 0, error_feedback: str = "local",
-                  seed: int | None = None) -> Aggregator:
-    """PowerSGD. Defaults: the paper's algorithm (variant "paper", local error feedback, warm start)."""
+def make_powersgd(*, rank: int | None = None, num_iters_per_step: int = 1, warm_start: bool = True,
+                  variant: str = "paper", orthogonalization: str = "qr", epsilon: float = 1e-8,
+                  min_compression_rate: float = 2.0, start_compressing_after_num_steps: int = 0,
+                  error_feedback: str = "local", seed: int | None = None, rank_schedule=None, adaptive=None,
+                  layer_ranks=None, rank_allocation=None) -> Aggregator:
+    """PowerSGD. Defaults: the paper's algorithm (variant "paper", local error feedback, warm start), rank 1.
+
+    Ranks over time and layers (docs/rank_schedules.md): ``rank_schedule=[[0, 4], [100, 2], ...]`` (first step,
+    rank) phases; ``adaptive={"rule": "accordion", ...}``; ``rank_allocation={"rule": "spectral", ...}`` (one
+    bit budget over layers); ``layer_ranks={"conv*": 2, ...}`` (name patterns; unmatched tensors use ``rank``).
+    At most one of rank_schedule/adaptive/rank_allocation, which then decides every rank: giving ``rank`` or
+    ``layer_ranks`` with it is refused (ValueError) rather than silently overridden.
+    """
     owner = "powersgd"
+    rules = [(k, v) for k, v in (("rank_schedule", rank_schedule), ("adaptive", adaptive),
+                                 ("rank_allocation", rank_allocation)) if v is not None]
+    if len(rules) > 1:
+        raise invalid(owner, rules[1][0], rules[1][1], f"None when {rules[0][0]} is given (one rule decides the "
+                      "ranks over time)")
+    if rules and rank is not None:
+        raise invalid(owner, "rank", rank, f"None (leave it out) when {rules[0][0]} is given: {rules[0][0]} "
+                      "decides every rank")
+    if rules and layer_ranks is not None:
+        raise invalid(owner, "layer_ranks", layer_ranks, f"None when {rules[0][0]} is given (per-layer patterns "
+                      "combine with a fixed rank only)")
+    rank = 1 if rank is None else rank
     check_int(owner, "rank", rank, minimum=1)
     check_int(owner, "num_iters_per_step", num_iters_per_step, minimum=1)
     check_bool(owner, "warm_start", warm_start)
@@ -40,6 +64,26 @@ def make_powersgd(*, rank: int = 1, num_iters_per_step: int = 1, warm_start: boo
     check_policies(owner, error_feedback, min_compression_rate, start_compressing_after_num_steps)
     if seed is not None:
         check_int(owner, "seed", seed, minimum=0, maximum=MAX_SEED)
-    kernel = PowerSGDKernel(rank, num_iters_per_step, warm_start, variant, orthogonalization, epsilon, seed)
-    return compose(kernel, error_feedback=error_feedback, min_compression_rate=min_compression_rate,
-                   start_compressing_after_num_steps=start_compressing_after_num_steps)
+    options = (num_iters_per_step, warm_start, variant, orthogonalization, epsilon, seed)
+    if not rules and layer_ranks is None:
+        kernel = PowerSGDKernel(rank, *options)
+        return compose(kernel, error_feedback=error_feedback, min_compression_rate=min_compression_rate,
+                       start_compressing_after_num_steps=start_compressing_after_num_steps)
+    schedule = adaptive_rule = allocation = None
+    layer_rank, separate = None, False
+    if rank_schedule is not None:
+        schedule = parse_rank_schedule(owner, rank_schedule)
+        capacity = max(r for _, r in schedule)
+    elif adaptive is not None:
+        adaptive_rule = parse_adaptive(owner, adaptive)
+        capacity = adaptive_rule.high_rank
+    elif rank_allocation is not None:
+        allocation = parse_rank_allocation(owner, rank_allocation)
+        capacity, separate = allocation.max_rank, True
+    else:
+        layer_rank = LayerRanks(parse_layer_ranks(owner, layer_ranks), rank)
+        capacity = layer_rank.largest
+    kernel = PowerSGDKernel(capacity, *options, layer_rank=layer_rank, separate=separate)
+    control = RankControl(kernel, schedule=schedule, adaptive=adaptive_rule, allocation=allocation)
+    return RankedPowerSGD(control, error_feedback=error_feedback, min_compression_rate=min_compression_rate,
+                          start_compressing_after_num_steps=start_compressing_after_num_steps)

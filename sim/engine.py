@@ -14,7 +14,13 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-ENGINES = ("vmap", "loop")
+ENGINES = ("auto", "vmap", "loop")
+#: Modules whose per-worker vmap costs more than a loop of W ordinary calls on the CPU (W = 16, B = 32, measured by
+#: ``benchmarks/vmap_vs_loop.py``): vmap turns a convolution's weight gradient into a grouped convolution and
+#: BatchNorm into per-worker statistics over a folded batch (0.8x the loop on digits-cnn); sequence models (an
+#: embedding, linear layers on (B, T, d) inputs, a Python loop over time steps) batch poorly (0.45x on
+#: charlm-lstm); nn.LSTM/GRU have no vmap batching rule at all (vmap loops, and fails in float64).
+LOOP_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.RNNBase, nn.Embedding)
 _REPORTED: set[str] = set()  # slow-fallback reports already given
 _SLOW_FALLBACK = r"performance drop because we have not yet implemented the batching rule for (\S+?)\.? "
 Tensors = dict[str, torch.Tensor]
@@ -89,8 +95,22 @@ class LoopEngine:
         return stacked, torch.stack(losses), new_buffers
 
 
+def resolve_engine(name: str, model: nn.Module) -> str:
+    """The engine ``name`` stands for on this model: "auto" is a static rule on the model's modules, never a
+    timing (which would make results depend on the machine's load): the loop for a model holding a convolution,
+    BatchNorm, an embedding or a recurrent module (``LOOP_MODULES``, plus the project's ``UnrolledLSTM``), vmap
+    otherwise (MLPs on flat inputs, where vmap is 2.5-3x the loop). Both engines compute the same
+    gradients (up to summation order); each is deterministic, and the rule picks the same one every run."""
+    if name != "auto":
+        return name
+    from .models.lstm import UnrolledLSTM  # lazy: models import nothing from the engine, but keep it so
+
+    return "loop" if any(isinstance(m, LOOP_MODULES + (UnrolledLSTM,)) for m in model.modules()) else "vmap"
+
+
 def make_engine(name: str, model: nn.Module, loss) -> VmapEngine | LoopEngine:
-    return VmapEngine(model, loss) if name == "vmap" else LoopEngine(model, loss)
+    """``name``: "auto" (``resolve_engine``), "vmap" or "loop"."""
+    return VmapEngine(model, loss) if resolve_engine(name, model) == "vmap" else LoopEngine(model, loss)
 
 
 @torch.no_grad()

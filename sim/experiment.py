@@ -50,7 +50,10 @@ class Experiment:
     seed: int = 0
     eval_every: int = 50  # evaluate on the test split every this many steps (and at the last step); 0: last only
     log_every: int = 1
-    engine: str = "vmap"
+    # "auto": the loop engine for models with convolutions, BatchNorm, embeddings or recurrent layers, vmap
+    # otherwise (a static rule on the model, never a timing, so the same experiment always uses the same engine:
+    # ``sim.engine.resolve_engine``). "vmap" / "loop" force one.
+    engine: str = "auto"
     dtype: str = "float32"
     network: Any = None  # None, a preset name, a dict or a sim.cost.Network: adds a `sim_time` column
     nonfinite: str = "raise"  # NaN/Inf gradients: "raise" or "skip_step" (drop the step, keep state clean)

@@ -136,6 +136,12 @@ class Simulation:
         metrics.update(bits=bits, compression_error=self._compression_error(grads, sums, update) if measured
                        else math.nan,
                        memory_norm=math.sqrt(memory_square), skipped_steps=state.skipped_steps)
+        # An aggregator may report scalars of its own state (e.g. PowerSGD's current ``rank``): an optional
+        # ``metrics(state) -> {column: float}`` method, merged into the row. Values must be identical on every
+        # worker (they come from the shared state), so real runs log the same columns.
+        reported = getattr(self.aggregator, "metrics", None)
+        if reported is not None:
+            metrics.update({key: float(value) for key, value in reported(agg_state).items()})
         return TrainState(state.step + 1, params, buffers, opt_state, agg_state, bits,
                           state.skipped_steps, sim_time), metrics
 

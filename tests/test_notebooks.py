@@ -19,7 +19,7 @@ from jupyter_client.kernelspec import KernelSpec  # noqa: E402
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 NAMES = ["01_rank_vs_convergence", "02_warm_start_and_power_iterations", "03_error_feedback",
-         "04_compressor_zoo", "05_cost_model_what_if", "06_sim_vs_real", "07_paper_tables"]
+         "04_compressor_zoo", "05_cost_model_what_if", "06_sim_vs_real", "07_paper_tables", "08_rank_over_time"]
 
 
 class ThisInterpreterKernel(KernelManager):

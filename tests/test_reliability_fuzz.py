@@ -57,7 +57,7 @@ VALID = {
     "lr_warmup_steps": small_int(0, 3), "lr_milestones": st.lists(small_int(0, 5), max_size=3),
     "lr_decay": st.floats(0.01, 1.0), "sharding": st.sampled_from(["iid", "label_skew"]),
     "label_skew_alpha": st.floats(1e-3, 1e3), "seed": st.one_of(small_int(0, 10), st.just(2 ** 63 - 1)),
-    "eval_every": small_int(0, 3), "log_every": small_int(1, 3), "engine": st.sampled_from(["vmap", "loop"]),
+    "eval_every": small_int(0, 3), "log_every": small_int(1, 3), "engine": st.sampled_from(["auto", "vmap", "loop"]),
     "dtype": st.sampled_from(["float32", "float64"]), "nonfinite": st.sampled_from(["raise", "skip_step"]),
     "keep_ledger": st.booleans(),
     "network": st.one_of(st.none(), st.sampled_from(sorted(PRESETS)),
