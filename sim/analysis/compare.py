@@ -17,7 +17,6 @@ import math
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from compressors.options import invalid
 
@@ -97,6 +96,8 @@ def paired_summary(config: np.ndarray, reference: np.ndarray, confidence: float 
 
 def t_interval(differences: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
     """Student-t interval of the mean of ``differences``: mean -+ t_{(1+c)/2, n-1} sd / sqrt(n) (NaN if n < 2)."""
+    from scipy import stats  # here, not at import: `import sim` stays light (scipy.stats loads ~1,000 modules)
+
     n = len(differences)
     if n < 2:
         return math.nan, math.nan
