@@ -172,3 +172,15 @@ def test_a_parallel_sweep_knows_a_task_registered_by_a_module():
         warnings.simplefilter("ignore")
         parallel = sim.sweep(base, grid={"lr": [0.1, 0.05]}, seeds=[0], progress=False, processes=2)
     assert parallel.train_loss.notna().all() and len(parallel) == 4
+
+
+def test_registering_a_built_in_loader_under_another_name_keeps_the_built_in_validator():
+    """A validator belongs to a name: reusing synthetic-lowrank's loader for a new name (without a validator)
+    must not switch off synthetic-lowrank's own option checks."""
+    register_task("test-reused-loader", sim.tasks.TASK_REGISTRY["synthetic-lowrank"])
+    try:
+        with pytest.raises(ValueError, match="noise"):
+            sim.Experiment(task="synthetic-lowrank", task_options={"noise": 1e300})
+    finally:
+        sim.tasks.TASK_REGISTRY.pop("test-reused-loader")
+        sim.tasks.TASK_VALIDATORS.pop("test-reused-loader")

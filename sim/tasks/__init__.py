@@ -24,6 +24,7 @@ from .fashion_mnist import fashion_mnist_cnn_task, fashion_mnist_mlp_task, valid
 
 TaskLoader = Callable[..., Task]
 TASK_REGISTRY: dict[str, TaskLoader] = {}
+TASK_VALIDATORS: dict[str, Callable[[dict], None] | None] = {}  # name -> its option validator
 BUILT_IN_TASKS: tuple[str, ...] = ()  # set below, after the bundled tasks are registered
 
 
@@ -54,7 +55,8 @@ def register_task(name: str, loader: TaskLoader, validate: Callable[[dict], None
                           f"keyword-only options with defaults after '*' (parameter {p.name!r} is not)")
     if validate is not None and not callable(validate):
         raise invalid("register_task", "validate", validate, "None or a function (options: dict) -> None")
-    loader.validate = validate  # type: ignore[attr-defined]
+    # kept by name, not as an attribute of the loader: one loader may serve several names (with other validators)
+    TASK_VALIDATORS[name] = validate
     TASK_REGISTRY[name] = loader
 
 
@@ -67,7 +69,7 @@ def task_options(name: str) -> dict[str, object]:
 def validate_task(name: str, options: dict) -> None:
     check_choice("Experiment", "task", name, sorted(TASK_REGISTRY))
     check_known_options(f"Experiment.task_options for {name!r}", options, task_options(name))
-    validate = getattr(TASK_REGISTRY[name], "validate", None)
+    validate = TASK_VALIDATORS.get(name)
     if validate is not None:
         validate(options)
 
