@@ -177,3 +177,33 @@ def assert_identical_leaves(a, b) -> None:
             assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
         else:
             assert type(x) is type(y) and x == y
+
+
+class Interrupted(Exception):
+    """Raised from an ``on_step`` callback to kill a run at a chosen step."""
+
+
+def run_interrupted(experiment, checkpoint_dir, stop_at: int, every: int):
+    """``sim.run`` with checkpoints every ``every`` steps, killed after step ``stop_at`` (as by a crash)."""
+    import sim
+
+    def interrupt(simulation, state):
+        if state.step == stop_at:
+            raise Interrupted
+
+    try:
+        sim.run(experiment, checkpoint_dir=checkpoint_dir, checkpoint_every=every, on_step=interrupt)
+    except Interrupted:
+        return
+    raise AssertionError(f"the run was not interrupted at step {stop_at}")
+
+
+def assert_resume_is_bitwise(experiment, full, checkpoint_dir):
+    """Resuming from ``checkpoint_dir`` ends with ``full``'s history and final state, bitwise; returns the resumed."""
+    import pandas as pd
+    import sim
+
+    resumed = sim.run(experiment, resume_from=checkpoint_dir)
+    pd.testing.assert_frame_equal(resumed.history, full.history, check_exact=True)
+    assert_identical_leaves(resumed.extras["final_state"], full.extras["final_state"])
+    return resumed

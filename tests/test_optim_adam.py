@@ -1,12 +1,11 @@
 """Adam and AdamW after aggregation against torch.optim fed the same updates; validation; checkpoints."""
-import pandas as pd
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
 import sim
 from sim.config import load_config
-from reference import assert_identical_leaves
+from reference import assert_resume_is_bitwise, run_interrupted
 from sim.optim import Adam, AdamState, learning_rate, make_optimizer
 from sim.runner import Simulation
 
@@ -129,10 +128,6 @@ def test_identity_with_w_workers_equals_single_process_big_batch_adamw():
 TINY = {"dim_in": 12, "dim_out": 10, "samples": 64, "test_samples": 8}
 
 
-class Interrupted(Exception):
-    pass
-
-
 @pytest.mark.parametrize("optimizer", ["adam", "adamw"])
 def test_resume_from_a_checkpoint_is_bitwise(tmp_path, optimizer):
     e = sim.Experiment(task="synthetic-lowrank", task_options=TINY, workers=3, steps=12, batch_size=4,
@@ -140,16 +135,9 @@ def test_resume_from_a_checkpoint_is_bitwise(tmp_path, optimizer):
                        optimizer_options={"amsgrad": True}, compressor={"name": "powersgd", "rank": 2}, seed=2)
     full = sim.run(e)
 
-    def interrupt(simulation, state):
-        if state.step == 9:
-            raise Interrupted
-
-    with pytest.raises(Interrupted):
-        sim.run(e, checkpoint_dir=tmp_path, checkpoint_every=4, on_step=interrupt)
-    resumed = sim.run(e, resume_from=tmp_path)
-    pd.testing.assert_frame_equal(resumed.history, full.history, check_exact=True)
+    run_interrupted(e, tmp_path, stop_at=9, every=4)
+    resumed = assert_resume_is_bitwise(e, full, tmp_path)
     assert isinstance(resumed.extras["final_state"].optimizer, AdamState)
-    assert_identical_leaves(resumed.extras["final_state"], full.extras["final_state"])
     with pytest.raises(ValueError, match="optimizer"):  # another optimizer's checkpoint is refused
         sim.run(e.replace(optimizer="sgd", optimizer_options={}), resume_from=tmp_path)
 

@@ -11,7 +11,7 @@ import compressors
 import sim
 from compressors.rank_adaptive import NO_NORM
 from compressors.testing import check_compressor
-from reference import assert_identical_leaves
+from reference import assert_resume_is_bitwise, run_interrupted
 from sim import checkpoint
 from sim.collective import VirtualCollective
 
@@ -115,10 +115,6 @@ def tiny(**changes) -> sim.Experiment:
     return sim.Experiment(**base)
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_rank_column_and_bits_agree_and_resume_is_bitwise(tmp_path):
     e = tiny()
     full = sim.run(e)
@@ -133,16 +129,9 @@ def test_rank_column_and_bits_agree_and_resume_is_bitwise(tmp_path):
     for r, b in zip(ranks, per_step):
         assert b == agg.control.bits_at(chosen, {n: int(r) for n in chosen}) + dense
 
-    def interrupt(simulation, state):
-        if state.step == 13:
-            raise Interrupted
-
-    with pytest.raises(Interrupted):
-        sim.run(e, checkpoint_dir=tmp_path, checkpoint_every=5, on_step=interrupt)
+    run_interrupted(e, tmp_path, stop_at=13, every=5)
     assert checkpoint.latest(tmp_path).name == "checkpoint-000000010.pt"
-    resumed = sim.run(e, resume_from=tmp_path)
-    pd.testing.assert_frame_equal(resumed.history, full.history, check_exact=True)
-    assert_identical_leaves(resumed.extras["final_state"], full.extras["final_state"])
+    assert_resume_is_bitwise(e, full, tmp_path)
 
 
 def test_same_seed_same_decisions_and_norms_are_finite():
@@ -162,12 +151,5 @@ def test_every_rank_rule_resumes_bitwise(tmp_path, compressor):
     e = tiny(compressor=compressor, steps=14)
     full = sim.run(e)
 
-    def interrupt(simulation, state):
-        if state.step == 11:
-            raise Interrupted
-
-    with pytest.raises(Interrupted):
-        sim.run(e, checkpoint_dir=tmp_path, checkpoint_every=4, on_step=interrupt)
-    resumed = sim.run(e, resume_from=tmp_path)
-    pd.testing.assert_frame_equal(resumed.history, full.history, check_exact=True)
-    assert_identical_leaves(resumed.extras["final_state"], full.extras["final_state"])
+    run_interrupted(e, tmp_path, stop_at=11, every=4)
+    assert_resume_is_bitwise(e, full, tmp_path)
