@@ -158,15 +158,19 @@ def test_two_gloo_processes_reproduce_the_package():
         assert gap(before_july_2022[0][:25], reference[:25]) <= ATOL
 
 
-def test_rank1_batch_normalization_deviates_only_for_same_shape_groups():
-    config = dict(README, min_compression_rate=3)  # the two 24 x 24 layers are compressed, at rank 1
-    ours = readme_loop(0, config, True, steps=20)
+def assert_deviates_only_by(config, same_shape_pair: bool, bug: str) -> None:
+    """Ours equals the package's reference with ``bug`` switched off, and differs from it with the bug on."""
+    ours = readme_loop(0, config, same_shape_pair, steps=20)
     with default_dtype(torch.float64):
-        package = reference_loop(1, config, True, steps=20)
-        fixed = reference_loop(1, config, True, steps=20,
-                               bugs=tuple(b for b in PACKAGE_BUGS if b != "whole_batch_rank1_norm"))
+        package = reference_loop(1, config, same_shape_pair, steps=20)
+        fixed = reference_loop(1, config, same_shape_pair, steps=20, bugs=tuple(b for b in PACKAGE_BUGS if b != bug))
     assert gap(ours, fixed) <= ATOL
     assert gap(ours, package) > 1e-4
+
+
+def test_rank1_batch_normalization_deviates_only_for_same_shape_groups():
+    config = dict(README, min_compression_rate=3)  # the two 24 x 24 layers are compressed, at rank 1
+    assert_deviates_only_by(config, True, "whole_batch_rank1_norm")
 
 
 @pytest.mark.parametrize("config", [dict(README, min_compression_rate=12),  # conv: raw 17.3, matrix view 10.05
@@ -174,13 +178,7 @@ def test_rank1_batch_normalization_deviates_only_for_same_shape_groups():
                                          start_compressing_after_num_steps=0)])  # bias: raw 2, view 2n/(n+1)
 def test_selection_on_the_matrix_view_deviates_only_where_the_raw_shape_differs(config):
     assert not selections_agree(config, False)
-    ours = readme_loop(0, config, False, steps=20)
-    with default_dtype(torch.float64):
-        package = reference_loop(1, config, False, steps=20)
-        fixed = reference_loop(1, config, False, steps=20,
-                               bugs=tuple(b for b in PACKAGE_BUGS if b != "raw_shape_selection"))
-    assert gap(ours, fixed) <= ATOL
-    assert gap(ours, package) > 1e-4
+    assert_deviates_only_by(config, False, "raw_shape_selection")
 
 
 def test_factor_dtype_deviates_only_where_the_package_fails():
