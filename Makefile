@@ -21,7 +21,7 @@ data:
 	@bash scripts/ensure_fashion_mnist.sh
 
 demo: $(STAMP) data
-	$(PY) -m sim.demo
+	$(PY) -m sim.cli.demo
 
 # Every capability at small sizes; tests marked slow (bigger sizes) run with `make test-all`.
 test: $(STAMP) data

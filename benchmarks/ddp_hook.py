@@ -29,7 +29,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_p
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import compressors
-from sim.distributed import spawn
+from sim.real.distributed import spawn
 from .timing import fmt_ms, interleaved, median, ratio_of_medians, table
 
 WIDTHS = (512, 1024, 1024, 1024, 512, 10)

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import compressors
-from sim.collective import VirtualCollective
-from sim.distributed import spawn
+from compressors.comm import VirtualCollective
+from sim.real.distributed import spawn
 from sim.engine import VmapEngine
 from sim.models import resnet18_cifar
 from .timing import fmt_ms, interleaved, median, ratio_of_medians, table
@@ -110,7 +110,7 @@ def _gradient_shapes(kind: str) -> dict[str, tuple[int, ...]]:
 def kernel_vs_torch_hook(device: torch.device, shapes_kind: str, repeats: int) -> dict[str, float]:
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_powersgd
 
-    from sim.distributed_collective import DistributedCollective
+    from compressors.comm import DistributedCollective
     from .torch_hook import Bucket
 
     generator = torch.Generator().manual_seed(0)

@@ -11,7 +11,7 @@ import torch
 from compressors.error_feedback import _residual_into
 from compressors.powersgd import Group, _batch, _left, _subtract_lowrank_
 from compressors.state_tree import squared_norm
-from sim.runner import _all_finite
+from sim.simulation import all_finite
 from .timing import fmt_ms, interleaved, median, ratio_of_medians, table
 
 W, N = 16, 1024
@@ -51,7 +51,7 @@ def _pairs(x: torch.Tensor, y: torch.Tensor) -> dict[str, tuple]:
         return _residual_into(scratch, y, x.dtype)
 
     return {
-        "finiteness check (sim/runner.py)": (lambda: bool(torch.isfinite(x).all()), lambda: _all_finite(x)),
+        "finiteness check (sim/runner.py)": (lambda: bool(torch.isfinite(x).all()), lambda: all_finite(x)),
         "memory norm (compressors/state_tree.py)": (norm_before, norm_after),
         "group of one matrix (compressors/powersgd.py)": (
             lambda: torch.stack([x.reshape(W, N, N)], dim=1), lambda: _batch(grads, group, W)),

@@ -22,7 +22,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_p
 
 import compressors
 import sim
-from sim.distributed import free_port
+from sim.real.distributed import free_port
 from sim.models import resnet18_cifar
 from .timing import fmt_ms, interleaved, median, table
 

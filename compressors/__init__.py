@@ -3,27 +3,31 @@
     agg = compressors.make("powersgd", rank=2)
     state = agg.init({name: shape}, workers=W, seed=0)
     update, state = agg.aggregate(grads, state, comm)   # grads: {name: (W, *shape)} -> {name: (*shape)}
+
+Wings (docs/design.md): kernels, policies, error feedback and the registry at this level; ``comm`` (the Comm
+protocol, the virtual and the torch.distributed collective), ``ddp`` (the DDP hook and the original package's
+API), ``ranks`` (rank schedules, adaptive and per-layer ranks). Importing this package registers every
+built-in compressor (``zoo_core``: identity, powersgd; ``zoo``: fp16, topk, sign, qsgd, svd, ...).
 """
-from . import zoo_core  # noqa: F401  (registers identity and powersgd)
-from . import zoo  # noqa: F401  (registers the compressor zoo: fp16, topk, sign, qsgd, svd, ...)
-from .base import Aggregator, Comm, Reduced, TheoryClaim, dtype_bits, matrix_view_shape
+from . import testing, zoo, zoo_core
+from .base import Aggregator, Reduced, TheoryClaim, dtype_bits, matrix_view_shape
+from .comm import Comm
+from .ddp import Config, HookState, PowerSGD, ddp_comm_hook, optimizer_step
+from .degenerate import DenseConfigurationWarning
 from .error_feedback import ERROR_FEEDBACK_MODES, ErrorFeedback, ErrorFeedbackState
 from .identity import Identity
+from .match_bits import match_bits
 from .orthogonalize import orthogonalize
 from .policies import Partition, Warmup, compose
 from .powersgd import PowerSGDKernel, PowerSGDState
 from .registry import REGISTRY, make, options_of, register
 from .state_tree import iter_states, memory_norm
-from .ddp_hook import HookState, ddp_comm_hook
-from .package_api import Config, PowerSGD, optimizer_step
 
 __all__ = [
+    "make", "register", "REGISTRY", "options_of", "match_bits",
     "Aggregator", "Comm", "Reduced", "TheoryClaim", "dtype_bits", "matrix_view_shape",
     "ERROR_FEEDBACK_MODES", "ErrorFeedback", "ErrorFeedbackState", "Identity", "orthogonalize",
-    "Partition", "Warmup", "compose", "PowerSGDKernel", "PowerSGDState",
-    "REGISTRY", "make", "options_of", "register", "iter_states", "memory_norm",
+    "Partition", "Warmup", "compose", "PowerSGDKernel", "PowerSGDState", "iter_states", "memory_norm",
+    "HookState", "ddp_comm_hook", "Config", "PowerSGD", "optimizer_step", "DenseConfigurationWarning",
+    "testing", "zoo", "zoo_core",
 ]
-__all__ += ["HookState", "ddp_comm_hook", "Config", "PowerSGD", "optimizer_step"]
-from .match_bits import match_bits; __all__ += ["match_bits"]  # noqa: E402,E702  (the knob value for a bits budget)
-from . import testing  # noqa: E402,F401  (compressors.testing.check_compressor: the contract battery, public)
-from .degenerate import DenseConfigurationWarning; __all__ += ["DenseConfigurationWarning"]  # noqa: E402,E702

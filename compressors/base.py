@@ -11,26 +11,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple
 
 import torch
+
+from .comm.protocol import Comm
 
 Shapes = Mapping[str, tuple[int, ...]]
 Grads = Mapping[str, torch.Tensor]
 
 TheoryClass = Literal["exact", "unbiased", "contractive", "nonexpansive", "biased"]
-
-
-class Comm(Protocol):
-    """What an aggregator may ask of the network. The leading axis of every argument is the worker axis."""
-
-    workers: int  # total number of (possibly emulated) workers
-
-    def all_reduce_mean(self, x: torch.Tensor, tag: str = "") -> torch.Tensor:
-        """(k, *s) local rows -> (*s), the mean over all workers; every worker receives the same result."""
-
-    def all_gather(self, x: torch.Tensor, tag: str = "") -> torch.Tensor:
-        """(k, *s) local rows -> (W, *s), every worker's rows in worker order."""
 
 
 class Reduced(NamedTuple):

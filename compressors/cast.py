@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from theory import operators
-
 from .base import Aggregator, Reduced, TheoryClaim, check_grads, numel
 from .packing import pack, unpack
+
 
 CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

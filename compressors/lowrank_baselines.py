@@ -24,12 +24,12 @@ from typing import NamedTuple
 import torch
 
 from theory import operators
-
 from .base import Aggregator, Reduced, TheoryClaim, check_grads, dtype_bits, matrix_view_shape
 from .encoding import GatherKernel, compute_dtype, generator_from, shared_generator_state
 from .packing import pack, unpack
 from .quantize import StochasticQuantizer
 from .serialization import register_record
+
 
 
 def as_matrices(x: torch.Tensor) -> torch.Tensor:

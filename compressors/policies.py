@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 
 from .base import Aggregator, Reduced, TheoryClaim, dtype_bits, numel
+from .error_feedback import with_error_feedback
 from .identity import Identity
 from .serialization import register_record
 
@@ -138,8 +139,6 @@ def compose(kernel: Aggregator, *, error_feedback: str = "none", min_compression
     Error feedback wraps only the compressed partition: tensors all-reduced exactly have no error to remember
     (with "averaged" EF they would otherwise accumulate x_i - mean(x), a pure per-worker drift).
     """
-    from .error_feedback import with_error_feedback
-
     aggregator: Aggregator = with_error_feedback(kernel, error_feedback)
     aggregator = Partition(aggregator, compression_rule(kernel, min_compression_rate, compress_vectors))
     if start_compressing_after_num_steps > 0:

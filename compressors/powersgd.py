@@ -22,11 +22,11 @@ from typing import NamedTuple
 import torch
 
 from theory import lowrank
-
 from .base import Aggregator, Reduced, TheoryClaim, check_grads, dtype_bits, matrix_view_shape
 from .orthogonalize import orthogonalize
 from .packing import pack, unpack
 from .serialization import register_record
+
 
 VARIANTS = ("paper", "alternating")
 
@@ -89,7 +89,7 @@ def keep_nonzero(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]) -> 
 STACK_BELOW_ELEMENTS = 1 << 16
 
 
-def _batch(grads, group: Group, workers: int, allow_members: bool = False) -> torch.Tensor | list[torch.Tensor]:
+def group_matrices(grads, group: Group, workers: int, allow_members: bool = False) -> torch.Tensor | list[torch.Tensor]:
     """A group's matrices of every worker: one (W, G, n, m) tensor (the layout ``torch.stack`` gives), or, when
     ``allow_members`` and the members are big, the list of G (W, n, m) views (no copy; see ``_left``/``_right``).
 
@@ -141,7 +141,7 @@ class PowerSGDKernel(Aggregator):
                  orthogonalization: str = "qr", epsilon: float = 1e-8, seed: int | None = None,
                  layer_rank=None, separate: bool = False):
         self.rank = rank
-        # name -> rank (``compressors.rank_layers``), or None: ``rank`` for every tensor
+        # name -> rank (``compressors.ranks.layers``), or None: ``rank`` for every tensor
         self.layer_rank = layer_rank
         self.separate = separate  # one group per tensor (ranks that change per tensor over time)
         self.num_iters_per_step = num_iters_per_step
@@ -178,7 +178,7 @@ class PowerSGDKernel(Aggregator):
 
     def reduce_at_ranks(self, grads, state, comm, want_local=False, ranks=None):
         """``reduce`` with other ranks than the configured ones ({name: rank} or one rank); ``state``'s factors
-        must have those ranks (``compressors.rank_control`` slices its stored factors to them)."""
+        must have those ranks (``compressors.ranks.control`` slices its stored factors to them)."""
         return self._reduce(grads, state, comm, want_local, residual=False, ranks=ranks)
 
     def reduce_residual(self, x, state, comm, ranks=None):
@@ -197,7 +197,7 @@ class PowerSGDKernel(Aggregator):
         generator = torch.Generator().manual_seed(0)
         generator.set_state(state.rng)
         paper = self.variant == "paper"
-        matrices = {gr.key: _batch(grads, gr, workers, allow_members=paper) for gr in groups}  # never written to
+        matrices = {gr.key: group_matrices(grads, gr, workers, allow_members=paper) for gr in groups}  # never written to
         if paper:
             update, local, p, q = self._paper(groups, matrices, state, generator, comm, want_local or residual)
         else:

@@ -21,13 +21,12 @@ from typing import NamedTuple
 
 import torch
 
-from theory import bits as tbits
-from theory import operators
-
+from theory import bits as tbits, operators
 from .base import TheoryClaim, numel
 from .encoding import GatherKernel, compute_dtype, pack_bits, packed_numel, private_generators, unpack_bits
 from .serialization import register_record
 from .signs import decode_signs, encode_signs
+
 
 
 @register_record

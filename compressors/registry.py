@@ -11,8 +11,8 @@ not after a whole run:
 - a factory defined outside this package (a user's compressor), built with its default options: the
   aggregator's ``init``/``reduce``/``bits_per_step`` accept every way the simulator, the DDP hook, the
   wrappers and the cost model call them, and one step on tiny shapes keeps shapes and dtype, stays finite
-  and sends what ``bits_per_step`` declares (``compressors.testing.one_step_check``). A factory with an
-  option that has no default cannot be built here; only its signature is checked.
+  and sends what ``bits_per_step`` declares (``compressors.registration_check.one_step_check``). A factory
+  with an option that has no default cannot be built here; only its signature is checked.
 
 Built-in compressors (registered when ``compressors`` is imported) get the signature check only, to keep the
 import cheap; the full contract battery (``compressors.testing.check_compressor``) runs on each of them in
@@ -27,6 +27,7 @@ import torch
 
 from .base import Aggregator
 from .options import check_known_options, closest
+from .registration_check import one_step_check
 
 Factory = Callable[..., Aggregator]
 REGISTRY: dict[str, Factory] = {}
@@ -69,8 +70,6 @@ def register(name: str, *, check: bool = True) -> Callable[[Factory], Factory]:
         if check:
             check_factory(name, factory)
             if not _builtin(factory) and _buildable(factory):
-                from .testing import one_step_check
-
                 aggregator = _build(name, factory)
                 check_methods(name, aggregator)
                 one_step_check(aggregator, owner=f"compressor {name!r}")

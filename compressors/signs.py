@@ -19,10 +19,10 @@ from typing import NamedTuple
 import torch
 
 from theory import operators
-
 from .base import TheoryClaim, numel
 from .encoding import GatherKernel, compute_dtype, pack_bits, packed_numel, unpack_bits
 from .serialization import register_record
+
 
 
 def encode_signs(flat: torch.Tensor) -> torch.Tensor:

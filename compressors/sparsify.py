@@ -17,13 +17,12 @@ from typing import NamedTuple
 
 import torch
 
-from theory import bits as tbits
-from theory import operators
-
+from theory import bits as tbits, operators
 from .base import Aggregator, Reduced, TheoryClaim, check_grads, dtype_bits, numel
 from .encoding import GatherKernel, generator_from, shared_generator_state
 from .packing import pack, unpack
 from .serialization import register_record
+
 
 
 class Sparsity:

@@ -56,3 +56,21 @@ def memory_norm(state) -> float:
     for m in memory_tensors(state):
         total += float(squared_norm(m)) / max(m.shape[0], 1)
     return total ** 0.5
+
+
+def float_leaves(tree, path: str = ""):
+    """(path, tensor) of every floating-point tensor in a nested state (NamedTuples, dicts, tuples, lists)."""
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point():
+            yield path or ".", tree
+        return
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        items = zip(tree._fields, tree)
+    elif isinstance(tree, (tuple, list)):
+        items = enumerate(tree)
+    elif isinstance(tree, dict):
+        items = tree.items()
+    else:
+        return
+    for key, value in items:
+        yield from float_leaves(value, f"{path}.{key}" if path else str(key))

@@ -30,8 +30,8 @@ failed; ``check_compressor`` returns {check: "ok" or why it had nothing to check
 - ``state_is_plain``: the state is nested tuples (NamedTuples), lists and str-keyed dicts of tensors and
   Python scalars: ``torch.save``-able, comparable, checkpointable.
 
-``one_step_check`` is the cheap subset ``compressors.register`` runs on a user's compressor when it is
-registered.
+``compressors.registration_check.one_step_check`` is the cheap subset ``compressors.register`` runs on a
+user's compressor when it is registered.
 """
 from __future__ import annotations
 
@@ -42,14 +42,15 @@ from collections.abc import Callable, Mapping
 import torch
 
 from theory import operators
-
+from . import registration_check
 from .base import Aggregator, TheoryClaim, numel
+from .comm import VirtualCollective
 from .error_feedback import ErrorFeedback
+from .registry import REGISTRY, make, options_of
+
 
 #: The shapes the battery runs on: a matrix, a conv kernel (matrix view 4 x 18), a vector, a larger matrix.
 SHAPES = {"w": (6, 5), "conv": (4, 2, 3, 3), "b": (6,), "big": (16, 12)}
-#: Tiny shapes for the check at registration (a matrix and a vector).
-TINY_SHAPES = {"w": (3, 2), "b": (3,)}
 WORKERS = 3
 THEORY_KINDS = ("exact", "unbiased", "contractive", "nonexpansive", "biased")
 FRESH_DRAWS = 100  # first steps with seeds 0..FRESH_DRAWS-1 for in-expectation claims
@@ -66,8 +67,6 @@ class ContractError(AssertionError):
 def builder(factory_or_name, **options) -> tuple[str, Callable[[], Aggregator]]:
     """(a name for messages, a function building a fresh aggregator) from a registered name, a factory of
     keyword-only options, or an aggregator (then ``options`` must be empty)."""
-    from .registry import REGISTRY, make
-
     if isinstance(factory_or_name, str):
         if factory_or_name not in REGISTRY:
             make(factory_or_name)  # raises the registry's ValueError (closest name, allowed names)
@@ -92,8 +91,6 @@ def builder(factory_or_name, **options) -> tuple[str, Callable[[], Aggregator]]:
 def default_options(name: str) -> dict:
     """Options for building a registered compressor with its defaults, plus a value for any option that has
     no usable default (``REQUIRED_CHOICES``; sparsifiers' "ratio or k": ratio)."""
-    from .registry import options_of
-
     defaults = options_of(name)
     chosen = {}
     for option, default in defaults.items():
@@ -109,18 +106,11 @@ def default_options(name: str) -> dict:
 # -- helpers --------------------------------------------------------------------------------------------------
 def random_grads(seed: int, shapes=SHAPES, workers: int = WORKERS, dtype=torch.float32) -> dict[str, torch.Tensor]:
     """{name: (workers, *shape)} standard normal, drawn in float64 from a seeded generator, then cast."""
-    gen = torch.Generator().manual_seed(seed)
-    return {n: torch.randn((workers, *s), generator=gen, dtype=torch.float64).to(dtype) for n, s in shapes.items()}
+    return registration_check.random_grads(seed, shapes, workers, dtype)
 
 
 def exact_mean(grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: g.mean(0) for n, g in grads.items()}
-
-
-def _comm(workers: int):
-    from sim.collective import VirtualCollective  # lazy: compressors never import sim eagerly
-
-    return VirtualCollective(workers)
 
 
 def warmup_steps(agg) -> int:
@@ -131,7 +121,7 @@ def warmup_steps(agg) -> int:
 def run_steps(agg, grads_list, shapes=SHAPES, workers: int = WORKERS, seed: int = 0, dtype=torch.float32):
     """Feed gradient dicts to a fresh state on a fresh virtual collective: (updates, final state, comm)."""
     state = agg.init(shapes, workers=workers, seed=seed, dtype=dtype)
-    comm = _comm(workers)
+    comm = VirtualCollective(workers)
     updates = []
     for grads in grads_list:
         update, state = agg.aggregate(grads, state, comm)
@@ -225,7 +215,7 @@ def check_deterministic_and_pure(agg, shapes=SHAPES, workers=WORKERS, owner="com
     _require(equal_tree(first, second), owner, check, "same seed, different updates")
     _require(equal_tree(state1, state2), owner, check, "same seed, different states")
     state = agg.init(shapes, workers=workers, seed=5)
-    comm = _comm(workers)
+    comm = VirtualCollective(workers)
     for grads in grads_list:
         saved_state = clone_tree(state)
         _, new_state = agg.aggregate(grads, state, comm)
@@ -238,8 +228,8 @@ def check_ledger_matches_bits_per_step(agg, shapes=SHAPES, workers=WORKERS, owne
     grads = [random_grads(s, shapes, workers) for s in range(2)]
     state = agg.init(shapes, workers=workers, seed=0)
     for _ in range(warmup_steps(agg)):
-        _, state = agg.aggregate(grads[0], state, _comm(workers))
-    comm = _comm(workers)
+        _, state = agg.aggregate(grads[0], state, VirtualCollective(workers))
+    comm = VirtualCollective(workers)
     for g in grads:  # two steps: an alternating scheme averages over its cycle
         _, state = agg.aggregate(g, state, comm)
     declared = agg.bits_per_step(shapes)
@@ -316,7 +306,7 @@ def check_error_feedback_composes(agg, shapes=SHAPES, workers=WORKERS, owner="co
     check = "error_feedback_composes"
     grads = random_grads(300, shapes, workers, torch.float64)
     state = agg.init(shapes, workers=workers, seed=0, dtype=torch.float64)
-    comm = _comm(workers)
+    comm = VirtualCollective(workers)
     reduced, _ = agg.reduce(grads, state, comm, want_local=True)
     _require(reduced.local is not None, owner, check, "reduce(..., want_local=True) returned local=None; "
              "error feedback needs each worker's own decompressed message")
@@ -400,44 +390,3 @@ def check_compressor(factory_or_name, *, shapes: Mapping[str, tuple[int, ...]] |
         outcome = CHECKS[name](build(), shapes, workers, owner)
         report[name] = outcome if isinstance(outcome, str) else "ok"
     return report
-
-
-def one_step_check(agg, owner: str = "compressor", shapes=TINY_SHAPES, workers: int = 2) -> None:
-    """What registration checks on a user's compressor (ValueError naming the method): ``init`` then one
-    ``reduce`` (with and without ``want_local``) on tiny shapes keep names, shapes and dtype, stay finite, and
-    ``bits_per_step(shapes, dtype=...)`` is a finite number >= 0, and something went through ``comm``."""
-    grads = random_grads(0, shapes, workers)
-    try:
-        state = agg.init(shapes, workers=workers, seed=0, dtype=torch.float32, device="cpu")
-    except Exception as error:
-        raise ValueError(f"{owner}: init(shapes, workers=2, seed=0, dtype=torch.float32, device='cpu') failed on "
-                         f"shapes {shapes}: {type(error).__name__}: {error}") from error
-    for want_local in (False, True):
-        comm = _comm(workers)
-        try:
-            reduced, _ = agg.reduce(grads, state, comm, want_local=want_local)
-        except Exception as error:
-            raise ValueError(f"{owner}: reduce(grads, state, comm, want_local={want_local}) failed on shapes "
-                             f"{shapes}: {type(error).__name__}: {error}") from error
-        update = getattr(reduced, "update", None)
-        if not isinstance(update, Mapping) or list(update) != list(shapes):
-            raise ValueError(f"{owner}: reduce must return (compressors.Reduced(update, local), state) with update "
-                             f"{{name: (*shape)}} for {list(shapes)}; got {type(reduced).__name__}")
-        for n, s in shapes.items():
-            u = update[n]
-            if tuple(u.shape) != tuple(s) or u.dtype != torch.float32 or not bool(torch.isfinite(u).all()):
-                raise ValueError(f"{owner}: reduce's update[{n!r}] must be finite, shape {tuple(s)}, float32; got "
-                                 f"shape {tuple(u.shape)}, {u.dtype}")
-        if want_local and getattr(reduced, "local", None) is None:
-            raise ValueError(f"{owner}: reduce(..., want_local=True) must return each worker's message in "
-                             "Reduced.local ({name: (k, *shape)}); error feedback needs it")
-    try:
-        bits = agg.bits_per_step(shapes, dtype=torch.float32)
-    except Exception as error:
-        raise ValueError(f"{owner}: bits_per_step(shapes, dtype=torch.float32) failed: "
-                         f"{type(error).__name__}: {error}") from error
-    if not (isinstance(bits, (int, float)) and not isinstance(bits, bool) and math.isfinite(bits) and bits >= 0):
-        raise ValueError(f"{owner}: bits_per_step returned {bits!r}; expected a finite number of bits >= 0")
-    if not comm.ledger.records:
-        raise ValueError(f"{owner}: reduce sent nothing through comm (every collective must go through "
-                         "comm.all_reduce_mean / comm.all_gather, which record what is sent)")

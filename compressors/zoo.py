@@ -18,17 +18,17 @@ neither means ratio = 0.01. Random compressors take ``seed`` (default: the seed 
 from __future__ import annotations
 
 from theory.bits import DEFAULT_SPARSITY_RATIO
-
 from .base import Aggregator
 from .cast import Cast
-from .lowrank_baselines import SVD, Atomo, LowRankSketch
+from .lowrank_baselines import Atomo, LowRankSketch, SVD
 from .options import MAX_SEED, check_bool, check_float, check_int, invalid
 from .policies import compose
-from .quantize import QSGD, Natural, TernGrad
+from .quantize import Natural, QSGD, TernGrad
 from .registry import register
 from .signs import ScaledSign, Sign, Signum
 from .sparsify import RandomBlock, RandomK, TopK
 from .zoo_core import check_policies
+
 
 
 def _policies(owner, kernel, error_feedback, min_compression_rate, compress_vectors,

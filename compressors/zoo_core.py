@@ -7,11 +7,11 @@ from .identity import Identity
 from .options import MAX_SEED, check_bool, check_choice, check_float, check_int, invalid
 from .orthogonalize import ORTHOGONALIZATIONS
 from .policies import compose
-from .powersgd import VARIANTS, PowerSGDKernel
-from .rank_adaptive import parse_adaptive
-from .rank_control import RankControl, RankedPowerSGD
-from .rank_layers import LayerRanks, parse_layer_ranks, parse_rank_allocation
-from .rank_schedule import parse_rank_schedule
+from .powersgd import PowerSGDKernel, VARIANTS
+from .ranks.adaptive import parse_adaptive
+from .ranks.control import RankControl, RankedPowerSGD
+from .ranks.layers import LayerRanks, parse_layer_ranks, parse_rank_allocation
+from .ranks.schedule import parse_rank_schedule
 from .registry import register
 
 

@@ -67,7 +67,7 @@ def real_experiment(task: str, nproc: int, compressor, steps: int = REAL_STEPS, 
 
 
 def threads_per_process(nproc: int, cores: int) -> int:
-    """Intra-op threads ``sim.distributed.spawn`` gives each process (the cores shared out)."""
+    """Intra-op threads ``sim.real.distributed.spawn`` gives each process (the cores shared out)."""
     return max(1, cores // nproc)
 
 
@@ -104,7 +104,7 @@ def local_step_samples(experiment, threads: int, skip: int = SKIP_STEPS) -> list
 
 
 def _concurrent_local_steps(rank: int, world: int, experiment, skip: int) -> list[float]:
-    """One of ``world`` processes (``sim.distributed.spawn``: aligned by the process group's start-up) running
+    """One of ``world`` processes (``sim.real.distributed.spawn``: aligned by the process group's start-up) running
     ``local_step_samples`` at the same time as the others: no communication, the CPU shared as in a real run."""
     import torch.distributed as dist
 
@@ -146,7 +146,7 @@ def concurrent_local_step_samples(experiment, nproc: int, skip: int = SKIP_STEPS
     (or p exceeds the cores) it is slower by exactly the share the real run will get, which no
     max(1, p x threads / cores) formula can know. Measured: the 2-process digits-mlp run under load
     average 2-4 alternated its ranks on one core (arrival skew ~2.3 ms, one rank's whole local work)."""
-    from sim.distributed import spawn
+    from sim.real.distributed import spawn
 
     runs = spawn(_ByPath("_concurrent_local_steps"), nproc, (experiment, skip), timeout=300.0)
     return [t for samples in runs for t in samples]
@@ -168,7 +168,7 @@ class _CountingCollective:
     (``average_metric``, ``average_untracked``), so ``sim.run``'s loop issues them, and records each one."""
 
     def __init__(self, workers: int):
-        from sim.collective import VirtualCollective, payload_record
+        from compressors.comm import VirtualCollective, payload_record
 
         self._virtual, self._record = VirtualCollective(workers), payload_record
         self.workers, self.ledger, self.diagnostics = workers, self._virtual.ledger, []
@@ -199,7 +199,7 @@ def diagnostic_records(experiment, workers: int) -> list:
     design: they are measurements): today the mean train loss, the two "any rank non-finite?" votes and the
     memory norm (float64 scalars) and the exact mean gradient for ``compression_error`` (one dense all-reduce
     per parameter tensor). Counted on one simulated step, so a change of the loop changes the prediction."""
-    from sim.runner import Simulation
+    from sim.simulation import Simulation
 
     comm = _CountingCollective(workers)
     simulation = Simulation(experiment.replace(workers=workers), comm=comm)
@@ -215,7 +215,7 @@ def predict_real_step(experiment, network, nproc: int, cores: int, compute_cache
     the real runs); default: measured here by ``concurrent_local_step_samples``."""
     from sim.cost import measure_codec, measure_compute, step_time
     from sim.cost.whatif import probe_ledger
-    from sim.runner import Simulation
+    from sim.simulation import Simulation
 
     threads = threads_per_process(nproc, cores)
     simulation = Simulation(experiment.replace(workers=1))
@@ -248,7 +248,7 @@ def _real_and_local_steps(rank: int, world: int, schedule: list, skip: int) -> l
     (``run_on_rank``: rank 0 returns its per-step seconds and ledger bits), ("local", experiment) is the same
     loop's local work alone in every process at once (``local_step_samples`` after a barrier: the CPU shared
     as in the real runs, interleaved with them)."""
-    from sim.distributed import run_on_rank
+    from sim.real.distributed import run_on_rank
 
     out = []
     for kind, experiment in schedule:
@@ -268,7 +268,7 @@ def measure_real_steps(task: str, nproc: int, compressors=REAL_COMPRESSORS, step
     round; per compressor: the median and 20th percentile of the pooled steady per-step seconds (stamped
     inside the processes: no start-up), and the real ledger's bits per step. Also returns the local-work
     step samples, pooled over processes and rounds."""
-    from sim.distributed import spawn
+    from sim.real.distributed import spawn
 
     warmup = real_experiment(task, nproc, compressors[0], steps=SKIP_STEPS + 2)
     local = real_experiment(task, nproc, {"name": "identity"}, steps).replace(workers=1)
@@ -324,10 +324,10 @@ SYNC_FIT_COMPRESSOR = "identity"
 
 
 def add_sync(table: pd.DataFrame) -> dict[int, float]:
-    """Per nproc, fit ``Network.sync`` (``sim.cost.calibrate.fit_sync``) on the uncompressed runs only, then add
+    """Per nproc, fit ``Network.sync`` (``sim.real.calibrate.fit_sync``) on the uncompressed runs only, then add
     collectives x sync to every run's prediction (columns ``sync``, ``held_out``). The compressed runs, with
     other collective counts and payloads, are held out: their error is the model's. Returns {nproc: sync}."""
-    from sim.cost.calibrate import fit_sync
+    from sim.real.calibrate import fit_sync
 
     syncs = {}
     for nproc, rows in table.groupby("nproc"):
@@ -396,7 +396,7 @@ def figure(data: pd.DataFrame, path: Path) -> None:
 
 def main() -> None:
     from sim.cost import PRESETS, whatif
-    from sim.cost.calibrate import calibrate
+    from sim.real.calibrate import calibrate
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--measurements", default=None, help="reuse a CSV written by a previous run")
@@ -545,7 +545,7 @@ communicate after the backward pass, synchronously):
 - comm, sync: `Network.sync` x collectives per step. `sync` is what one collective costs inside a running
   loop beyond its alpha-beta time (ranks arriving from unequal local work, a waiting rank woken, a rank
   preempted), which the after-a-barrier calibration above cannot see. It is fitted per p on the
-  **identity runs only** (`sim.cost.calibrate.fit_sync`: least squares of measured minus predicted over
+  **identity runs only** (`sim.real.calibrate.fit_sync`: least squares of measured minus predicted over
   collectives per step, through the origin); the PowerSGD and top-k runs, with 5 collectives instead of 3 and
   other payloads and codecs, are **held out** and judge the model. Fitted: {sync_text} per
 collective (saved with the links as `results/network-gloo-p<n>-loop.json`).

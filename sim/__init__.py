@@ -3,20 +3,27 @@
     result = sim.run(sim.Experiment(task="digits-mlp", workers=8, steps=300,
                                     compressor={"name": "powersgd", "rank": 2}, seed=0))
     result.history   # pandas DataFrame, one row per logged step
-"""
-from .collective import Ledger, LedgerRecord, VirtualCollective
-from .experiment import Experiment
-from .result import Result
-from .runner import NonFiniteGradientError, Simulation, TrainState, run
-from .sweep import sweep
-from .cost import time_to_accuracy, whatif
-from .distributed import run_distributed
-from .distributed_collective import DistributedCollective
 
-__all__ = ["Ledger", "LedgerRecord", "VirtualCollective", "Experiment", "Result", "NonFiniteGradientError",
-           "Simulation", "TrainState", "run", "sweep", "whatif", "time_to_accuracy"]
-__all__ += ["run_distributed", "DistributedCollective"]
-from . import checkpoint  # noqa: F401  (sim.checkpoint.latest/load/save; sim.run(checkpoint_dir=, resume_from=))
-from . import plot  # noqa: F401  (sim.plot.plot_metric/plot_grid; matplotlib is imported only when drawing)
-from .store import load_results; __all__ += ["load_results"]  # noqa: E702  (results dirs: sim.store, python -m sim sweep)
-from .analysis import compare, tune_lr; __all__ += ["compare", "tune_lr"]  # noqa: E702  (paired CIs; lr protocol)
+Wings (docs/design.md): the core at this level (experiment, simulation, runner, engine, optim, sharding,
+checkpoint, result); ``real`` (processes, the distributed run), ``workflow`` (configs, sweeps, the results
+store, plots, loggers), ``cli`` (every command); ``cost``, ``tasks``, ``models``, ``analysis``.
+"""
+from compressors.comm import DistributedCollective, Ledger, LedgerRecord, VirtualCollective
+from . import checkpoint
+from .analysis import compare, tune_lr
+from .cost import time_to_accuracy, whatif
+from .experiment import Experiment
+from .real.distributed import run_distributed
+from .result import Result
+from .runner import run
+from .simulation import NonFiniteGradientError, Simulation, TrainState
+from .workflow import plot
+from .workflow.store import load_results
+from .workflow.sweep import sweep
+
+__all__ = [
+    "Experiment", "Result", "run", "sweep", "compare", "tune_lr", "whatif", "time_to_accuracy", "load_results",
+    "run_distributed", "Simulation", "TrainState", "NonFiniteGradientError",
+    "Ledger", "LedgerRecord", "VirtualCollective", "DistributedCollective",
+    "checkpoint", "plot",
+]

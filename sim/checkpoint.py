@@ -35,12 +35,13 @@ from typing import Any
 
 import torch
 
+from compressors.comm import Ledger, LedgerRecord
 from compressors.options import check_int
 from compressors.serialization import digest, to_plain
-from .checkpoint_schema import (FORMAT_VERSION, Checkpoint, body_of, check_state, checked_rows, experiment_differences,
-                                validate)
-from .collective import Ledger, LedgerRecord
+from .checkpoint_schema import (Checkpoint, FORMAT_VERSION, body_of, check_state, checked_rows, experiment_differences,
+    validate)
 from .experiment import Experiment
+from .simulation import Simulation
 
 KEEP = 2  # checkpoints kept per directory (the newest); older ones are removed after a successful write
 MANIFEST = "experiment.json"  # the configuration a checkpoint directory belongs to
@@ -318,8 +319,6 @@ def load(path, experiment: Experiment, local_workers: range | None = None, refer
     """
     local = local_workers if local_workers is not None else range(experiment.workers)
     if reference is None:
-        from .runner import Simulation  # lazy: the runner imports this module
-
         reference = Simulation(experiment, local_workers=local).initial_state()
     path = Path(path)
     if path.is_dir():

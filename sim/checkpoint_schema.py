@@ -23,9 +23,11 @@ from typing import Any, NamedTuple
 
 import torch
 
+from compressors.comm import LedgerRecord
 from compressors.serialization import check_same_structure, digest, from_plain
-from .collective import LedgerRecord
+from compressors.state_tree import float_leaves
 from .experiment import Experiment
+from .simulation import TrainState
 
 FORMAT_VERSION = 2  # 2: registered record tags and a checksum; 1 (importable type names) is refused
 KEYS = ("format_version", "experiment", "local_workers", "step", "state", "rows", "ledger")  # + "checksum"
@@ -34,7 +36,7 @@ LEDGER_KEYS = ("calls", "total_bits", "records")
 
 class Checkpoint(NamedTuple):
     step: int
-    state: Any  # sim.runner.TrainState
+    state: Any  # sim.simulation.TrainState
     rows: list[dict[str, float]]  # history rows logged up to and including ``step``
     ledger: dict[str, Any]  # {"calls", "total_bits", "records"} of the run's collective
 
@@ -80,7 +82,6 @@ def _validate(payload: Any, experiment: Experiment, local: range) -> Checkpoint:
         raise ValueError(f"step={step!r} is invalid; allowed: an integer in [0, {experiment.steps}] (the "
                          "experiment's steps)")
     state = from_plain(payload["state"], "$.state")
-    from .runner import TrainState  # lazy: the runner imports this module's package
 
     if type(state) is not TrainState:
         raise ValueError(f"state is a {type(state).__name__}; allowed: a TrainState record")
@@ -156,13 +157,12 @@ def check_state(state, fresh, experiment: Experiment, where: str) -> None:
             raise ValueError(f"state.skipped_steps={state.skipped_steps} is invalid; allowed: in [0, step]")
         if not (math.isfinite(state.sim_time) and state.sim_time >= 0):
             raise ValueError(f"state.sim_time={state.sim_time!r} is invalid; allowed: a finite number >= 0")
-        from .runner import _float_leaves  # lazy, as above
 
         optimizer_steps = getattr(state.optimizer, "step", 0)  # Adam's bias-correction count (SGD has none)
         if not (type(optimizer_steps) is int and 0 <= optimizer_steps <= state.step - state.skipped_steps):
             raise ValueError(f"state.optimizer.step={optimizer_steps!r} is invalid; allowed: an integer in "
                              f"[0, step - skipped_steps]")
-        optimizer = {f"optimizer.{path}": t for path, t in _float_leaves(state.optimizer)}  # momentum, moments
+        optimizer = {f"optimizer.{path}": t for path, t in float_leaves(state.optimizer)}  # momentum, moments
         for name, t in [*(("params." + n, t) for n, t in state.params.items()), *optimizer.items()]:
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"state.{name} holds NaN/Inf; allowed: finite values")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from .models.lstm import UnrolledLSTM
 
 ENGINES = ("auto", "vmap", "loop")
 #: Modules whose per-worker vmap costs more than a loop of W ordinary calls on the CPU (W = 16, B = 32, measured by
@@ -103,7 +104,6 @@ def resolve_engine(name: str, model: nn.Module) -> str:
     gradients (up to summation order); each is deterministic, and the rule picks the same one every run."""
     if name != "auto":
         return name
-    from .models.lstm import UnrolledLSTM  # lazy: models import nothing from the engine, but keep it so
 
     return "loop" if any(isinstance(m, LOOP_MODULES + (UnrolledLSTM,)) for m in model.modules()) else "vmap"
 

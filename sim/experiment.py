@@ -13,12 +13,12 @@ from typing import Any
 import torch
 
 import compressors
-from compressors.options import (MAX_SEED, check_bool, check_choice, check_float, check_int, check_known_options,
-                                  invalid)
+from compressors.options import MAX_SEED, check_bool, check_choice, check_float, check_int, check_known_options, invalid
+from .cost import resolve_network
 from .engine import ENGINES
 from .optim import OPTIMIZERS, check_optimizer_options, make_optimizer
 from .sharding import SHARDINGS
-from .tasks import validate_task
+from .tasks import TASK_REGISTRY, validate_task
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 NONFINITE_POLICIES = ("raise", "skip_step")
@@ -97,7 +97,6 @@ class Experiment:
         check_bool(own, "keep_ledger", self.keep_ledger)
         check_int(own, "compression_error_every", self.compression_error_every, minimum=0)
         if self.network is not None:
-            from .cost import resolve_network  # the cost model validates its own fields
             resolve_network(self.network)
 
     def _check_optimizer(self):
@@ -188,3 +187,11 @@ class Experiment:
 
 
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Experiment) if f.default is not dataclasses.MISSING}
+
+
+def registering_modules() -> list[str]:
+    """Modules (other than this package's and a script's ``__main__``) that registered a task or a compressor:
+    a spawned process starts fresh, so it imports them again to know those names (``sim.run_distributed``)."""
+
+    found = [getattr(f, "__module__", None) for f in [*TASK_REGISTRY.values(), *compressors.REGISTRY.values()]]
+    return sorted({m for m in found if m and m.split(".")[0] not in ("sim", "compressors", "__main__", "__mp_main__")})

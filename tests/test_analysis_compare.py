@@ -121,7 +121,7 @@ def test_target_mode_counts_never_reached_and_uses_finite_pairs():
 
 
 def test_works_on_sweep_and_load_results_tables(tmp_path):
-    from sim.store import sweep_to_dir
+    from sim.workflow.sweep import sweep_to_dir
 
     base = sim.Experiment(task="synthetic-lowrank", workers=2, steps=3, eval_every=0)
     grid = {"compressor": [{"name": "identity"}, {"name": "powersgd", "rank": 1}]}

@@ -12,9 +12,9 @@ import pytest
 
 import compressors
 import sim
-from sim.__main__ import main
-from sim.cli_types import INTERRUPTED
-from sim.config import load_config
+from sim.cli.main import main
+from sim.cli.arguments import INTERRUPTED
+from sim.workflow.config import load_config
 from sim.tasks import TASK_REGISTRY
 
 TINY = textwrap.dedent("""
@@ -128,7 +128,7 @@ def test_bad_config_values_are_one_line_and_status_2(tmp_path, capsys):
 
 
 def test_every_option_has_help_with_an_example():
-    from sim.__main__ import build_parser
+    from sim.cli.main import build_parser
 
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices
@@ -142,12 +142,12 @@ def test_every_option_has_help_with_an_example():
 
 
 def test_ctrl_c_prints_one_line_and_no_traceback(tmp_path, capsys, monkeypatch):
-    import sim.store
+    import sim.cli.runs
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sim.store, "sweep_to_dir", interrupted)
+    monkeypatch.setattr(sim.cli.runs, "sweep_to_dir", interrupted)
     assert main(["run", str(config_file(tmp_path)), "--no-progress"]) == 130
     assert one_line_error(capsys) == f"python -m sim run: {INTERRUPTED}"
 
@@ -189,7 +189,7 @@ def test_outside_a_terminal_progress_is_one_plain_line_per_run_and_files_are_gro
 
 
 def test_launch_reads_configs_through_the_same_loader(tmp_path, capsys):
-    from sim.launch import load_experiment, main as launch
+    from sim.cli.launch import load_experiment, main as launch
 
     path = config_file(tmp_path, 'optimizer = "adam"\n' + TINY)
     experiment = load_experiment(str(path), {"steps": 5})
@@ -211,7 +211,7 @@ def test_launch_reads_configs_through_the_same_loader(tmp_path, capsys):
 
 @pytest.mark.distributed
 def test_launch_writes_the_results_layout_that_load_results_reads(tmp_path, capsys):
-    from sim.launch import main as launch
+    from sim.cli.launch import main as launch
 
     assert launch(["--experiment", str(config_file(tmp_path)), "--nproc", "2", "--out", str(tmp_path / "real"),
                    "--set", "optimizer=adamw", "--set", "lr=0.01"]) == 0
@@ -224,14 +224,14 @@ def test_launch_writes_the_results_layout_that_load_results_reads(tmp_path, caps
 def test_a_sweep_resumes_its_run_in_progress_from_that_runs_checkpoint(tmp_path, monkeypatch, capsys):
     import pandas as pd
 
-    import sim.runner
-    from sim.store import sweep_to_dir
+    import sim.workflow.sweep
+    from sim.workflow.sweep import sweep_to_dir
 
     base = load_config(config_file(tmp_path)).experiment.replace(steps=9, eval_every=4)
     grid = {"compressor.rank": [1, 2]}
     reference = sweep_to_dir(base, tmp_path / "reference", grid=grid, progress=False)
 
-    real_run, started = sim.runner.run, []
+    real_run, started = sim.workflow.sweep.run, []
 
     def run_interrupted_in_the_second_job(experiment, **options):
         started.append(options.get("resume_from"))
@@ -241,12 +241,12 @@ def test_a_sweep_resumes_its_run_in_progress_from_that_runs_checkpoint(tmp_path,
                 raise KeyboardInterrupt
         return real_run(experiment, on_step=stop, **options)
 
-    monkeypatch.setattr(sim.runner, "run", run_interrupted_in_the_second_job)
+    monkeypatch.setattr(sim.workflow.sweep, "run", run_interrupted_in_the_second_job)
     with pytest.raises(KeyboardInterrupt):
         sweep_to_dir(base, tmp_path / "out", grid=grid, progress=False, checkpoint_every=3)
     partial = list((tmp_path / "out" / "runs").glob("*/checkpoints/checkpoint-000000006.pt"))
     assert len(partial) == 1  # the run in progress has its own checkpoint; the finished one has none left
-    monkeypatch.setattr(sim.runner, "run", real_run)
+    monkeypatch.setattr(sim.workflow.sweep, "run", real_run)
     lines = []
     table = sweep_to_dir(base, tmp_path / "out", grid=grid, progress=False, checkpoint_every=3, log=lines.append)
     assert any("resuming" in line and "checkpoint-000000006.pt" in line for line in lines), lines

@@ -1,4 +1,4 @@
-"""sim.cost.calibrate (fit and a tiny real gloo run) and the `python -m sim` command line."""
+"""sim.real.calibrate (fit and a tiny real gloo run) and the `python -m sim` command line."""
 import json
 import math
 
@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sim.__main__ import SUBCOMMANDS, build_parser, main
+from sim.cli.main import SUBCOMMANDS, build_parser, main
 from sim.cost import Network
-from sim.cost.calibrate import calibrate, design, fit_sync, measure
+from sim.real.calibrate import calibrate, design, fit_sync, measure
 from theory import collectives as tc
 
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import compressors
-from sim.collective import LedgerRecord, VirtualCollective
+from compressors.comm import LedgerRecord, VirtualCollective
 from sim.cost import Network, preset, price_step, step_time
 from theory import collectives as tc
 

@@ -1,7 +1,7 @@
 """The demo's table on a tiny run: one row per configuration, the paired CI columns from sim.compare."""
 from __future__ import annotations
 
-import sim.demo as demo
+import sim.cli.demo as demo
 
 
 def test_demo_writes_summary_with_paired_intervals(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import torch
 
 import sim
 from sim import checkpoint, checkpoint_schema
-from sim.distributed import DistributedRunError
+from sim.real.distributed import DistributedRunError
 
 pytestmark = pytest.mark.distributed
 
@@ -51,8 +51,8 @@ def test_resume_after_a_crash_between_two_processes_writes_is_bitwise(tmp_path):
 
 def _agree_on_cases(rank: int, world: int, directories: list[str]) -> list[tuple[str, str]]:
     """Every rank's outcome of ``agreed_checkpoint`` on each directory: ("ok", path) or ("raised", message)."""
-    from sim.distributed import agreed_checkpoint
-    from sim.distributed_collective import DistributedCollective
+    from sim.real.distributed import agreed_checkpoint
+    from compressors.comm import DistributedCollective
 
     comm = DistributedCollective(EXPERIMENT.workers // world, timeout=20)
     out = []
@@ -73,7 +73,7 @@ def _write_checkpoint(directory, workers: range, step: int) -> None:
 
 def test_processes_agree_on_the_newest_common_step_or_all_refuse(tmp_path):
     """The valid files held decide; a corrupt file counts as absent. Each case: steps held by process 0 and 1."""
-    from sim.distributed import spawn
+    from sim.real.distributed import spawn
 
     cases = {"one-behind": ([4, 6], [4]), "none-on-one": ([], [4, 6]), "disjoint": ([2], [4, 6]),
              "newest-corrupt": ([4, 6], [4, 6])}
@@ -111,7 +111,7 @@ def test_launch_command_line_checkpoints_and_resumes(tmp_path):
     import dataclasses
     import json
 
-    from sim.launch import main
+    from sim.cli.launch import main
 
     fields = {f.name: getattr(EXPERIMENT, f.name) for f in dataclasses.fields(EXPERIMENT)}
     spec = json.dumps({k: v for k, v in fields.items() if k in ("task", "workers", "steps", "batch_size", "seed",

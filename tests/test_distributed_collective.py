@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import compressors
-from sim.collective import VirtualCollective
-from sim.distributed import DistributedRunError, spawn
-from sim.distributed_collective import CollectiveError, DistributedCollective
+from compressors.comm import VirtualCollective
+from sim.real.distributed import DistributedRunError, spawn
+from compressors.comm import CollectiveError, DistributedCollective
 
 pytestmark = pytest.mark.distributed
 

@@ -17,9 +17,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import compressors
-from compressors import hook_state_io
-from sim.collective import VirtualCollective
-from sim.distributed import spawn
+from compressors.ddp import state_io as hook_state_io
+from compressors.comm import VirtualCollective
+from sim.real.distributed import spawn
 
 pytestmark = pytest.mark.distributed
 

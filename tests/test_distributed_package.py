@@ -11,9 +11,9 @@ from torch import nn
 
 import compressors
 from compressors import Config, PowerSGD, optimizer_step
-from compressors.package_kernel import PackagePowerSGDKernel
-from sim.collective import VirtualCollective
-from sim.distributed import spawn
+from compressors.ddp.package_kernel import PackagePowerSGDKernel
+from compressors.comm import VirtualCollective
+from sim.real.distributed import spawn
 
 pytestmark = pytest.mark.distributed
 

@@ -68,7 +68,7 @@ def test_invalid_worker_split_names_the_field():
 
 
 def test_launch_parses_an_experiment(tmp_path):
-    from sim.launch import load_experiment, parse
+    from sim.cli.launch import load_experiment, parse
 
     args = parse(["--experiment", '{"workers": 4, "steps": 3}', "--nproc", "2"])
     experiment = load_experiment(args.experiment)

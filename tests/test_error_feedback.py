@@ -13,7 +13,7 @@ import theory
 from compressors.base import Aggregator, Reduced, TheoryClaim, dtype_bits, numel
 from compressors.error_feedback import ErrorFeedback, ErrorFeedbackState
 from reference import exact_mean, run_steps
-from sim.collective import VirtualCollective
+from compressors.comm import VirtualCollective
 
 F64 = torch.float64
 SHAPES = {"w": (6, 5), "conv": (4, 2, 3, 3), "b": (6,)}

@@ -28,7 +28,7 @@ def test_own_model_example_runs_and_reports_each_step():
 
 
 def test_own_model_config_runs_from_the_command_line(tmp_path, monkeypatch, capsys):
-    from sim.__main__ import main
+    from sim.cli.main import main
 
     monkeypatch.chdir(ROOT)  # module names resolve from the current directory, as for a user
     assert main(["run", "examples/own_model.toml", "--out", str(tmp_path / "out"), "--no-progress",

@@ -19,8 +19,9 @@ from compressors import powersgd
 from compressors.error_feedback import ErrorFeedback
 from compressors.powersgd import PowerSGDKernel
 from compressors.state_tree import memory_norm, squared_norm
-from sim.collective import VirtualCollective
-from sim.runner import _all_finite, _float_leaves, _nonfinite
+from compressors.comm import VirtualCollective
+from sim.simulation import all_finite, nonfinite
+from compressors.state_tree import float_leaves
 
 F64 = torch.float64
 SHAPES = {"a": (6, 5), "b": (6, 5), "c": (4, 2, 3), "d": (7, 3)}  # a, b: one group of two members
@@ -100,10 +101,10 @@ def test_finiteness_probe_equals_isfinite_all(shape, bad, dtype):
         else:
             flat[-1] = float(bad)
     expected = bool(torch.isfinite(t).all())
-    assert _all_finite(t) == expected
-    assert (_nonfinite({"t": t}, {"t": squared_norm(t)}) == []) == expected
-    assert (_nonfinite({"t": t.unsqueeze(0)}, {"t": t.unsqueeze(0).sum(0).sum()}) == []) == expected
-    assert (_nonfinite(dict(_float_leaves({"s": (t, {"u": t})}))) == []) == expected  # as Simulation.step
+    assert all_finite(t) == expected
+    assert (nonfinite({"t": t}, {"t": squared_norm(t)}) == []) == expected
+    assert (nonfinite({"t": t.unsqueeze(0)}, {"t": t.unsqueeze(0).sum(0).sum()}) == []) == expected
+    assert (nonfinite(dict(float_leaves({"s": (t, {"u": t})}))) == []) == expected  # as Simulation.step
 
 
 def test_memory_norm_float32_matches_float64_reference():

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import compressors
-from compressors.hook_guard import ReplayCollective, all_finite
-from sim.collective import VirtualCollective
+from compressors.ddp.guard import ReplayCollective, all_finite
+from compressors.comm import VirtualCollective
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import compressors
 from compressors.base import Aggregator
-from sim.distributed import spawn
+from sim.real.distributed import spawn
 from tests.test_distributed_hook import TINY_BUCKETS_MB, _batch, _model
 
 pytestmark = pytest.mark.distributed

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import compressors
-from compressors.hook_worker import HookWorker
-from sim.distributed import spawn
+from compressors.ddp.worker import HookWorker
+from sim.real.distributed import spawn
 from tests.test_distributed_hook import TINY_BUCKETS_MB, _count_all_reduce, _model, _train
 
 START = 3  # start_compressing_after_num_steps / start_powerSGD_iter
@@ -50,7 +50,7 @@ def test_a_job_exception_reaches_its_future_and_the_thread_goes_on():
 def test_an_unclosed_worker_does_not_hold_the_interpreter_at_exit():
     # Without the exit handler that stops live threads, about 1 exit in 4 aborted ("terminate called without
     # an active exception"): a few tries make the test able to fail.
-    code = ("import torch; from compressors.hook_worker import HookWorker; w = HookWorker(); "
+    code = ("import torch; from compressors.ddp.worker import HookWorker; w = HookWorker(); "
             "f = torch.futures.Future(); w.submit(lambda: torch.ones(1), f); print(float(f.wait()[0]))")
     for _ in range(4):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -8,9 +8,9 @@ import torch
 import compressors
 import compressors.testing
 import sim
-from compressors.rank_layers import SpectralAllocation, allocate
+from compressors.ranks.layers import SpectralAllocation, allocate
 from compressors.testing import check_compressor
-from sim.collective import VirtualCollective
+from compressors.comm import VirtualCollective
 
 F64 = torch.float64
 SHAPES = {"conv1.weight": (8, 2, 3, 3), "conv2.weight": (8, 8, 3, 3), "fc1.weight": (20, 30),

@@ -10,7 +10,7 @@ import sim
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-from sim.logging_tb import TAGS, TensorBoardLogger  # noqa: E402
+from sim.workflow.loggers import TAGS, TensorBoardLogger  # noqa: E402
 
 TINY = dict(task="synthetic-lowrank", task_options={"dim_in": 6, "dim_out": 4, "samples": 64, "test_samples": 16},
             workers=2, steps=7, batch_size=4, eval_every=3, compressor={"name": "powersgd", "rank": 1},

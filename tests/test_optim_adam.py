@@ -4,10 +4,10 @@ import torch
 from hypothesis import given, strategies as st
 
 import sim
-from sim.config import load_config
+from sim.workflow.config import load_config
 from reference import assert_resume_is_bitwise, run_interrupted
 from sim.optim import Adam, AdamState, learning_rate, make_optimizer
-from sim.runner import Simulation
+from sim.simulation import Simulation
 
 SHAPES = {"w": (7, 5), "b": (5,), "scale": (), "conv": (3, 2, 3, 3)}
 SCHEDULE = dict(base=0.01, warmup_steps=5, milestones=(15, 25), decay=0.3)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import sim
-from sim.runner import Simulation
+from sim.simulation import Simulation
 from sim.tasks import BUILT_IN_TASKS, TASK_REGISTRY, custom_task, register_task, task_options
 
 
@@ -152,7 +152,7 @@ def test_a_slow_vmap_fallback_is_reported_once_in_our_words():
 @pytest.mark.distributed
 def test_real_processes_know_a_task_registered_by_a_module():
     """Spawned processes start fresh: run_distributed has them import the module that registered the task."""
-    from sim.config import registering_modules
+    from sim.experiment import registering_modules
 
     assert __name__ in registering_modules()
     e = sim.Experiment(task="test-free-attention", workers=2, steps=3, batch_size=4, eval_every=0,

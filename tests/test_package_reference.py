@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressors import Config, ErrorFeedbackState, PowerSGD, iter_states, optimizer_step
-from sim.distributed import spawn
+from sim.real.distributed import spawn
 from powersgd_package_reference import PACKAGE_BUGS, PackageConfig, PackageReference, should_compress
 
 STEPS = 50

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import compressors
-from sim.collective import VirtualCollective
+from compressors.comm import VirtualCollective
 from sim.models import build, lstm_wikitext2, resnet18_cifar
 from sim.models.paper import LSTM_WIKITEXT2_PARAMETERS, RESNET18_CIFAR_PARAMETERS
 from theory import bits as tbits

@@ -11,7 +11,7 @@ import theory
 from compressors.policies import PartitionState
 from compressors.powersgd import PowerSGDState, group_by_matrix_shape
 from reference import ReferencePowerSGD, exact_mean, initial_factors, reference_orthogonalize, run_steps
-from sim.collective import VirtualCollective
+from compressors.comm import VirtualCollective
 
 F64 = torch.float64
 

@@ -9,11 +9,11 @@ import torch
 
 import compressors
 import sim
-from compressors.rank_adaptive import NO_NORM
+from compressors.ranks.adaptive import NO_NORM
 from compressors.testing import check_compressor
 from reference import assert_resume_is_bitwise, run_interrupted
 from sim import checkpoint
-from sim.collective import VirtualCollective
+from compressors.comm import VirtualCollective
 
 F64 = torch.float64
 SHAPES = {"a": (12, 10), "b": (9, 14), "bias": (12,)}

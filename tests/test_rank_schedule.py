@@ -13,9 +13,9 @@ import compressors.testing
 import sim
 import theory
 from compressors.error_feedback import ErrorFeedbackState
-from compressors.rank_control import RankControlState, _grow
+from compressors.ranks.control import RankControlState, _grow
 from compressors.testing import check_compressor
-from sim.collective import VirtualCollective
+from compressors.comm import VirtualCollective
 
 F64 = torch.float64
 SHAPES = {"a": (12, 10), "b": (9, 14), "conv": (6, 2, 3, 3), "bias": (12,)}

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import compressors
 import sim
-from sim import config as sim_config
+from sim.workflow import config as sim_config
 from sim.cost import PRESETS
 from sim.tasks import TASK_REGISTRY, task_options
 
@@ -127,7 +127,7 @@ def configs(draw):
         config["network"][draw(st.sampled_from(NETWORK_FIELDS + ["bandwith"]))] = draw(hostile)
     if rarely(draw, 15):
         config[draw(st.sampled_from(["lrr", "worker", "compresor", "stepz"]))] = 1
-    if rarely(draw, 6):  # a config file's [sweep] table (only sim.config accepts it)
+    if rarely(draw, 6):  # a config file's [sweep] table (only sim.workflow.config accepts it)
         key = draw(st.sampled_from(["compressor.rank", "lr", "task_options.hidden", "compressor.bogus", "lr.x", ""]))
         config["sweep"] = {"grid": {key: draw(st.one_of(st.lists(option_value, max_size=3), hostile))},
                            "seeds": draw(st.one_of(st.lists(small_int(-1, 3), max_size=2), hostile))}
@@ -177,7 +177,7 @@ def time_limit(seconds: float):
 
 
 def check_config_file(config) -> None:
-    """The same config through a JSON file's path (sim.config): accepted or a ValueError naming a key."""
+    """The same config through a JSON file's path (sim.workflow.config): accepted or a ValueError naming a key."""
     try:
         text = json.dumps(config)
     except (TypeError, ValueError):  # bytes, complex, non-string keys...: no JSON file can hold these

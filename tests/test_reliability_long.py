@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import sim
-from sim.collective import Ledger, LedgerRecord
+from compressors.comm import Ledger, LedgerRecord
 
 TINY = {"dim_in": 4, "dim_out": 3, "samples": 64, "test_samples": 8}
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import sim
-from sim.store import HISTORY, RECORD, ResultsStore, load_results, run_id, sweep_to_dir
+from sim.workflow.store import HISTORY, RECORD, ResultsStore, load_results, run_id
+from sim.workflow.sweep import sweep_to_dir
 
 TINY = {"dim_in": 12, "dim_out": 10, "samples": 64, "test_samples": 8}
 
@@ -109,7 +110,7 @@ def test_an_unreadable_history_counts_as_incomplete(tmp_path):
 
 
 def test_the_one_sync_parameter_check_equals_the_elementwise_test():
-    from sim.runner import _nonfinite_any
+    from sim.simulation import nonfinite_any
 
     big = torch.full((4,), 3e38)  # finite elements whose float32 sum overflows: must not be reported
     cases = [
@@ -120,5 +121,5 @@ def test_the_one_sync_parameter_check_equals_the_elementwise_test():
         ({}, []),
     ]
     for tensors, expected in cases:
-        assert _nonfinite_any(tensors) == expected
+        assert nonfinite_any(tensors) == expected
         assert expected == [n for n, t in tensors.items() if not bool(torch.isfinite(t).all())]

@@ -51,10 +51,10 @@ def _payloads(marker: Path) -> dict[str, dict]:
     """Type tags that would run a command (creating ``marker``) if a loader imported and called them."""
     command = ["touch", str(marker)]
     return {
-        "subprocess.run via sim.store": {"name": "sim.store:subprocess.run", "fields": {"args": command}},
+        "subprocess.run via sim.workflow.store": {"name": "sim.workflow.store:subprocess.run", "fields": {"args": command}},
         "os.system": {"name": "os:system", "fields": {"command": f"touch {marker}"}},
         "builtins.eval": {"name": "builtins:eval", "fields": {"source": f"open({str(marker)!r}, 'w')"}},
-        "dotted through an import": {"name": "compressors.ddp_hook:importlib.import_module.__globals__",
+        "dotted through an import": {"name": "compressors.ddp.hook:importlib.import_module.__globals__",
                                      "fields": {"name": "os"}},
         "plain dotted name": {"name": "subprocess.run", "fields": {"args": command}},
         "registered name, extra field": {"name": "SGDState", "fields": {"momentum": {}, "args": command}},
@@ -110,7 +110,7 @@ def test_crafted_type_names_run_nothing_on_sim_run(copy, tmp_path, kind, tag, wh
 def test_the_exact_reported_payload_is_refused_naming_its_place(copy, tmp_path):
     marker = tmp_path / "pwned"
     _rewrite(_newest(copy), lambda p: p["state"]["fields"].__setitem__(
-        "aggregator", {LEGACY_TAG: "sim.store:subprocess.run", "fields": {"args": ["touch", str(marker)]}}))
+        "aggregator", {LEGACY_TAG: "sim.workflow.store:subprocess.run", "fields": {"args": ["touch", str(marker)]}}))
     with pytest.raises(ValueError, match=r"state at \$\.state\.aggregator: a '__namedtuple__' type tag is invalid"):
         sim.run(EXPERIMENT, resume_from=_newest(copy))
     assert not marker.exists()
@@ -296,7 +296,7 @@ def _distributed_dir(directory: Path, mutate_rank0) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("kind", ["subprocess.run via sim.store", "os.system", "registered name, extra field"])
+@pytest.mark.parametrize("kind", ["subprocess.run via sim.workflow.store", "os.system", "registered name, extra field"])
 def test_run_distributed_refuses_hostile_files_before_spawning(tmp_path, kind):
     marker = tmp_path / "pwned"
     directory = _distributed_dir(tmp_path / "ckpt", lambda p: p["state"]["fields"].__setitem__(
@@ -318,7 +318,7 @@ def test_the_per_process_vote_counts_only_valid_files(tmp_path):
 def test_launch_command_line_refuses_a_hostile_checkpoint(tmp_path):
     marker = tmp_path / "pwned"
     directory = _distributed_dir(tmp_path / "ckpt", lambda p: p["state"]["fields"].__setitem__(
-        "aggregator", {LEGACY_TAG: "sim.store:subprocess.run", "fields": {"args": ["touch", str(marker)]}}))
+        "aggregator", {LEGACY_TAG: "sim.workflow.store:subprocess.run", "fields": {"args": ["touch", str(marker)]}}))
     spec = json.dumps({k: getattr(DISTRIBUTED, k) for k in ("task", "task_options", "workers", "steps",
                                                               "batch_size", "eval_every", "compressor", "seed")})
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -14,9 +14,8 @@ import compressors
 import sim
 from compressors import serialization
 from compressors.error_feedback import ERROR_FEEDBACK_MODES
-from compressors.serialization import (check_same_structure, digest, from_plain, register_record, registered_records,
-                                       to_plain)
-from sim.collective import VirtualCollective
+from compressors.serialization import check_same_structure, digest, from_plain, register_record, registered_records, to_plain
+from compressors.comm import VirtualCollective
 
 SHAPES = {"conv": (4, 3, 2, 2), "fc": (6, 5), "bias": (5,), "scale": ()}
 BASE = {"randomk": {"ratio": 0.5}, "random_block": {"ratio": 0.5}, "topk": {"ratio": 0.5}, "powersgd": {"rank": 2}}
@@ -172,7 +171,7 @@ def test_an_unregistered_record_cannot_be_saved():
     ({"__record__": "SGDState", "fields": {}}, r"\$", r"missing fields \['momentum'\]"),
     ({"__record__": "SGDState", "fields": {"momentum": {}}, "more": 1}, r"\$", "a record holds keys"),
     ({"__record__": ["SGDState"], "fields": {}}, r"\$", "record type '<list>' is invalid"),
-    ({"__namedtuple__": "sim.store:subprocess.run", "fields": {}}, r"\$", "older version"),
+    ({"__namedtuple__": "sim.workflow.store:subprocess.run", "fields": {}}, r"\$", "older version"),
     ({1: torch.zeros(1)}, r"\$", r"dict keys \[1\] are invalid"),
     ({"x": {1.5, 2.5}}, r"\$\.x", "type set is invalid"),
     ({"x": torch.zeros(2).to_sparse()}, r"\$\.x", "sparse_coo tensor is invalid"),

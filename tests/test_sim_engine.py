@@ -5,7 +5,7 @@ import torch
 import sim
 from sim.engine import LoopEngine, VmapEngine
 from sim.models import build, digits_cnn
-from sim.runner import Simulation
+from sim.simulation import Simulation
 
 
 def test_vmap_engine_equals_loop_engine_with_batchnorm():

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 import compressors
 import theory
 from compressors.base import TheoryClaim
-from sim.collective import VirtualCollective
+from compressors.comm import VirtualCollective
 
 OPTION_VARIANTS = {"warm_start": [False], "variant": ["alternating"], "num_iters_per_step": [2],
                    "orthogonalization": ["gram_schmidt"], "scaled": [True],

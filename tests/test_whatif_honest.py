@@ -136,5 +136,5 @@ def test_a_degenerate_run_warns_once_and_its_sweep_label_says_dense():
     assert list(dict.fromkeys(table.run)) == ["compressor.rank=1", "compressor.rank=7 (dense)"]
     result = sim.run(base.replace(compressor={"name": "powersgd", "rank": 7, "min_compression_rate": 0.0}))
     assert result.bits_per_step > result.dense_bits_per_step  # rank 7 on a 7 x 13 matrix: worse than dense
-    assert sim.store.label({}, result.experiment, dense=sim.store.sends_dense(result)) == \
+    assert sim.workflow.store.label({}, result.experiment, dense=sim.workflow.store.sends_dense(result)) == \
         "powersgd(rank=7, min_compression_rate=0.0) (dense)"

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, strategies as st
 
-from sim.config import (apply_overrides, from_mapping, load_config, parse_assignment, parse_seeds, parse_value,
-                        split_top_level)
+from sim.workflow.config import apply_overrides, from_mapping, load_config, parse_assignment, parse_seeds, parse_value, split_top_level
 
 ROOT = Path(__file__).resolve().parents[1]
 

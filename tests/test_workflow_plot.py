@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 import sim
-from sim.plot import curves, plot_grid, plot_metric
+from sim.workflow.plot import curves, plot_grid, plot_metric
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -56,7 +56,7 @@ def test_plot_of_a_real_sweep(tmp_path):
     base = sim.Experiment(task="synthetic-lowrank", workers=2, steps=4, batch_size=8, eval_every=2,
                           task_options={"dim_in": 6, "dim_out": 4, "samples": 32, "test_samples": 8},
                           compressor={"name": "powersgd", "rank": 1}, network="ethernet-1g")
-    results = sim.store.sweep_to_dir(base, tmp_path / "r", grid={"compressor.rank": [1, 2]}, seeds=[0, 1],
+    results = sim.workflow.sweep.sweep_to_dir(base, tmp_path / "r", grid={"compressor.rank": [1, 2]}, seeds=[0, 1],
                                      progress=False)
     assert results["sim_time"].notna().all()
     plot_grid(results, metrics=("test_loss",), xs=("step", "bits", "sim_time"), path=tmp_path / "sweep.png")

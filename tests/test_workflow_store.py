@@ -14,8 +14,9 @@ import pandas as pd
 import pytest
 
 import sim
-from sim.config import load_config
-from sim.store import HISTORY, RECORD, ResultsStore, run_id, sweep_to_dir
+from sim.workflow.config import load_config
+from sim.workflow.store import HISTORY, RECORD, ResultsStore, run_id
+from sim.workflow.sweep import sweep_to_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = sim.Experiment(task="synthetic-lowrank", workers=2, steps=6, batch_size=8, lr=0.1, eval_every=3,
@@ -141,7 +142,7 @@ def test_sweep_killed_with_sigkill_then_restarted_gives_the_uninterrupted_rows(t
 
 
 def test_cli_run_and_bad_input(tmp_path, capsys):
-    from sim.__main__ import main
+    from sim.cli.main import main
 
     config = tmp_path / "one.toml"
     config.write_text(SWEEP_TOML.format(steps=3))

@@ -78,7 +78,7 @@ def test_charlm_trains_and_reports_perplexity(tmp_path):
     h = result.history
     assert h["train_loss"].iloc[0] == pytest.approx(math.log(256), rel=0.1)  # near uniform at the start
     assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0]
-    store = sim.store.ResultsStore(tmp_path)
+    store = sim.workflow.store.ResultsStore(tmp_path)
     store.write(e, result)
     table = sim.load_results(tmp_path)
     evaluated = table.dropna(subset=["test_loss"])
@@ -205,7 +205,7 @@ def test_wikitext2_lstm_runs_and_reports_perplexity(tmp_path):
     vocab = len(set(TRAIN.split()) | {"<eos>", "<unk>"})
     # an uninitialised parameter (to_empty garbage in the decoder bias) once gave a loss of 1e29 here
     assert result.history["train_loss"].iloc[0] == pytest.approx(math.log(vocab), rel=0.5)
-    table = sim.store.history_table(result.history, e)
+    table = sim.workflow.store.history_table(result.history, e)
     np.testing.assert_allclose(table["test_perplexity"], np.exp(table["test_loss"]), rtol=1e-12)
 
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import compressors
 from compressors.lowrank_baselines import systematic_sample
-from sim.collective import VirtualCollective
+from compressors.comm import VirtualCollective
 from theory import bits as tbits
 from theory import operators
 

@@ -16,7 +16,7 @@ import pandas as pd
 
 from compressors.options import check_bool, check_int, invalid
 from ..experiment import Experiment
-from ..sweep import run_all, run_history_or_none
+from ..workflow.sweep import run_all, run_history_or_none
 from .compare import final_value
 
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sim.collective import VirtualCollective
+from compressors import make
+from compressors.comm import VirtualCollective
 
 TRAIN_FLOPS_PER_FORWARD_FLOP = 3.0
 UTILIZATION = 0.4
@@ -141,8 +142,6 @@ def measure_codec(aggregator, shapes, repeats: int = 3, seed: int = 0) -> float:
     """Encode + decode seconds of one step on this machine: one worker's ``aggregate`` (its collective is a
     no-op copy), minus the exact mean's (packing), floored at 0; exactly 0 for an exact aggregator. Warm-up
     steps are run through first. A clock on this machine: noisy on a shared CPU, and not the target GPU."""
-    from compressors import make
-
     def seconds(agg):
         step = _one_step(agg, shapes, seed)
         return _median_seconds(step, repeats)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 
+from compressors.options import closest
 from .network import GBIT, GBYTE, Network
 
 US = 1e-6
@@ -59,7 +60,6 @@ PRESETS["dgx-a100-infiniband-200g"] = _two_level("dgx-a100-infiniband-200g", "in
 
 def preset(name: str) -> Network:
     if not isinstance(name, str) or name not in PRESETS:
-        from compressors.options import closest
         hint = closest(name, PRESETS) if isinstance(name, str) else ""
         raise ValueError(f"network: preset={name!r} is invalid{hint}; allowed: {', '.join(PRESETS)}")
     return PRESETS[name]

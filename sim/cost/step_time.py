@@ -18,9 +18,10 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sim.collective import LedgerRecord
+from compressors.comm import LedgerRecord
+from .network import Network, OPS, check_workers
+from .presets import resolve_network
 
-from .network import OPS, Network, check_workers
 
 OVERLAPS = ("buckets", "none")
 DDP_BUCKET_BYTES = 25 * 2**20  # torch DistributedDataParallel(bucket_cap_mb=25)
@@ -115,6 +116,4 @@ def step_time(network: Network, records: Iterable[LedgerRecord], workers: int, c
 
 def price_step(network, records, workers: int, compute_seconds: float = 0.0, **options) -> float:
     """Seconds of one step from that step's ledger records (``network``: anything ``resolve_network`` takes)."""
-    from .presets import resolve_network
-
     return step_time(resolve_network(network), records, workers, compute_seconds, **options).total

@@ -31,12 +31,18 @@ from collections.abc import Mapping
 import pandas as pd
 import torch
 
-from sim.collective import VirtualCollective
-
-from .compute import (ACCELERATORS, ComputeTime, codec_from_flops, compute_from_flops, forward_flops,
-                      measure_codec, measure_compute)
+from compressors.comm import VirtualCollective
+from compressors.degenerate import DENSE_SUFFIX, sends_dense, warn_if_dense
+from compressors.options import closest
+from ..models import build
+from ..tasks import load_task
+from .compute import (ACCELERATORS, ComputeTime, codec_from_flops, compute_from_flops, forward_flops, measure_codec,
+    measure_compute)
+from .network import check_workers
 from .presets import resolve_network
 from .step_time import BACKWARD_FRACTION, DDP_BUCKET_BYTES, step_time
+
+import compressors as registry
 
 PROBE_WORKERS = 2
 CODECS = ("auto", "measure", "flops", "none")
@@ -74,12 +80,10 @@ class Source:
     label: str = "model"
 
 
-def _named_model(name: str):
+def named_model(name: str):
     import importlib
 
     if name not in MODELS:
-        from compressors.options import closest
-
         raise ValueError(f"whatif: model={name!r} is invalid{closest(name, MODELS)}; allowed: {', '.join(MODELS)}, "
                          "an nn.Module (with example_input for FLOPs), a factory, a dict of shapes or a sim.Experiment")
     family, batch, example = MODELS[name]
@@ -92,7 +96,7 @@ def resolve_source(source, batch_size: int | None = None, example_input: torch.T
     if isinstance(source, Mapping):
         return Source({str(n): tuple(int(d) for d in s) for n, s in source.items()}, label="shapes")
     if isinstance(source, str):
-        factory, batch, example = _named_model(source)
+        factory, batch, example = named_model(source)
         with torch.device("meta"):
             module = factory()
         if example_input is None and example is not None:
@@ -101,8 +105,6 @@ def resolve_source(source, batch_size: int | None = None, example_input: torch.T
     if isinstance(source, torch.nn.Module):
         return Source(_shapes(source), source, example_input, label=type(source).__name__)
     if hasattr(source, "task") and hasattr(source, "make_compressor"):  # a sim.Experiment
-        from sim.models import build
-        from sim.tasks import load_task
 
         task = load_task(source.task, dict(source.task_options), source.torch_dtype)
         module = build(task.model, torch.Generator().manual_seed(source.seed), dtype=source.torch_dtype)
@@ -237,10 +239,6 @@ def whatif(experiment_or_shapes, compressors=("identity", {"name": "powersgd", "
     'measure' (this machine's clock), 'none' (0). Compressor configurations that send at least the dense bits
     are labelled "(dense)" and warn once.
     """
-    import compressors as registry
-    from compressors.degenerate import DENSE_SUFFIX, sends_dense, warn_if_dense
-
-    from .network import check_workers
 
     if codec not in CODECS:
         raise ValueError(f"whatif: codec={codec!r} is invalid; allowed: {', '.join(CODECS)}")

@@ -13,7 +13,7 @@ zero; no state is carried between batches, unlike truncated BPTT over a stream).
 Model: byte embedding -> ``sim.models.lstm.UnrolledLSTM`` (nn.LSTM's parameters and function, unrolled so the
 vmap engine batches it; LSTM init U(-1/sqrt h, 1/sqrt h)) -> linear decoder to 256 logits.
 
-Reported as perplexity: exp(mean per-byte cross-entropy) on the held-out text (``sim.store`` adds the
+Reported as perplexity: exp(mean per-byte cross-entropy) on the held-out text (``sim.workflow.store`` adds the
 ``test_perplexity`` column to the history of every task whose loader has ``reports_perplexity = True``).
 """
 from __future__ import annotations

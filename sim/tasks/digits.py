@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..models import digits_cnn, mlp
 from compressors.options import MAX_SEED, check_int
+from ..models import digits_cnn, mlp
 from .base import Task, cross_entropy
 
 TEST_FRACTION = 0.2

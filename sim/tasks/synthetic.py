@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..models import linear
 from compressors.options import MAX_SEED, check_float, check_int
+from ..models import linear
 from .base import Task, half_squared_error
 
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from .base import Aggregator
-from .serialization import check_same_structure, digest, from_plain, to_plain
+from ..base import Aggregator
+from ..serialization import check_same_structure, digest, from_plain, to_plain
 
 FORMAT_VERSION = 3  # 3: adds ``steps`` (optimizer steps committed, for warm-up counting after a resume)
 _HOOK_KEYS = ("format_version", "seed", "calls", "steps", "buckets", "checksum")

@@ -40,11 +40,13 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .base import Aggregator
-from .hook_guard import agree_bad, all_finite, guarded_aggregate
-from .hook_worker import HookWorker
-from .policies import Warmup
-from .hook_state_io import checked_hook_state, hook_state_dict
+from ..base import Aggregator
+from ..comm import DistributedCollective
+from ..policies import Warmup
+from ..registry import make
+from .guard import agree_bad, all_finite, guarded_aggregate
+from .state_io import checked_hook_state, hook_state_dict
+from .worker import HookWorker
 
 
 class HookState:
@@ -81,7 +83,6 @@ class HookState:
 
     def collective(self):
         if self.comm is None:
-            from sim.distributed_collective import DistributedCollective  # lazy: compressors never import sim eagerly
             self.comm = DistributedCollective(1, group=self.process_group, timeout=self.timeout,
                                               keep_records=self.keep_records)
         return self.comm
@@ -194,7 +195,7 @@ class HookState:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain containers of tensors (loads with ``torch.load(..., weights_only=True)``) with a SHA-256 checksum:
-        ``compressors.hook_state_io``."""
+        ``compressors.ddp.state_io``."""
         return hook_state_dict(self)
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
@@ -236,8 +237,6 @@ def ddp_comm_hook(aggregator: Aggregator | str, *, seed: int = 0, process_group=
     overlap: aggregate on a communication thread while the backward pass goes on (True), or inside the hook.
     Call ``state.close()`` when done (the thread is a daemon: an unclosed one never blocks the exit).
     """
-    from .registry import make
-
     if isinstance(aggregator, str):
         aggregator = make(aggregator, **options)
     elif options:

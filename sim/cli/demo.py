@@ -12,10 +12,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from .analysis import compare
-from .experiment import Experiment
-from .io import write_atomically  # re-exported: older code imports it from here
-from .sweep import sweep
+from compressors import Identity, make
+from ..allocator import keep_freed_memory
+from ..analysis import compare
+from ..experiment import Experiment
+from ..simulation import Simulation
+from ..workflow.io import write_atomically
+from ..workflow.sweep import sweep
+
 
 DEFAULT = Experiment(task="fashion-mnist-cnn", workers=8, steps=300, batch_size=32, lr=0.05, momentum=0.9,
                      eval_every=50, seed=0)
@@ -62,8 +66,6 @@ def main(argv=None) -> pd.DataFrame:
 
 def summarize(history: pd.DataFrame, base: Experiment) -> pd.DataFrame:
     """One row per configuration: accuracy (mean over seeds), paired difference to exact with its CI, bits."""
-    from compressors import Identity, make
-    from .runner import Simulation
 
     shapes = Simulation(base).shapes
     dense = Identity().bits_per_step(shapes, dtype=base.torch_dtype)
@@ -109,7 +111,5 @@ def plot(history: pd.DataFrame, path: str) -> None:
 
 
 if __name__ == "__main__":
-    from sim.allocator import keep_freed_memory
-
     keep_freed_memory()  # this process is ours: big per-worker tensors reuse freed memory (see sim/allocator.py)
     main()

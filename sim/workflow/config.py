@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from compressors.options import check_known_options, invalid
-from .experiment import NESTED_FIELDS, Experiment
+from ..experiment import Experiment, NESTED_FIELDS
 
 try:
     import tomllib  # Python >= 3.11
@@ -135,16 +135,6 @@ def check_distinct(owner: str, field: str, values: Sequence[Any]) -> None:
         if key in seen:
             raise invalid(owner, field, list(values), f"distinct values ({value!r} is repeated)")
         seen[key] = value
-
-
-def registering_modules() -> list[str]:
-    """Modules (other than this package's and a script's ``__main__``) that registered a task or a compressor:
-    a spawned process starts fresh, so it imports them again to know those names (``sim.run_distributed``)."""
-    import compressors
-    from .tasks import TASK_REGISTRY
-
-    found = [getattr(f, "__module__", None) for f in [*TASK_REGISTRY.values(), *compressors.REGISTRY.values()]]
-    return sorted({m for m in found if m and m.split(".")[0] not in ("sim", "compressors", "__main__", "__mp_main__")})
 
 
 def import_modules(names: Any, owner: str, field: str, allow: bool = True) -> list[str]:

@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import platform
-import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -31,7 +30,8 @@ from typing import Any
 
 import pandas as pd
 
-from .experiment import NESTED_FIELDS, Experiment
+from ..experiment import Experiment, NESTED_FIELDS
+from ..tasks import TASK_REGISTRY
 from .io import write_atomically, write_text_atomically
 
 FORMAT = 1
@@ -108,8 +108,6 @@ def git_commit() -> dict[str, Any]:
 
 # -- writing --------------------------------------------------------------------------------------------------
 def reports_perplexity(task: str) -> bool:
-    from .tasks import TASK_REGISTRY
-
     return bool(getattr(TASK_REGISTRY.get(task), "reports_perplexity", False))
 
 
@@ -198,75 +196,6 @@ def read_history(folder: Path) -> pd.DataFrame | None:
         return None
 
 
-# -- sweeping into a directory -------------------------------------------------------------------------------
-def sweep_to_dir(base: Experiment, root: str | Path, grid: Mapping[str, Sequence[Any]] | None = None,
-                 seeds: Sequence[int] | None = None, progress: bool | str = True, log=None,
-                 checkpoint_every: int | None = None) -> pd.DataFrame:
-    """Every grid point x seed of ``base``, each stored as it finishes; complete runs are skipped.
-
-    ``progress``: True for bars, "lines" for one ``log`` line per finished run, False for neither.
-    ``checkpoint_every``: the run in progress also writes a checkpoint every that many steps into its own
-    folder (``runs/<run_id>/checkpoints/``, removed when the run is stored); started again, the sweep resumes
-    that run from its newest checkpoint, bitwise as if never interrupted (``sim.checkpoint``).
-
-    All experiments are built (and so validated) before the first run. Returns ``load_results`` of exactly
-    this sweep's runs, in sweep order.
-    """
-    from tqdm.auto import tqdm
-
-    from .runner import run
-    from .sweep import grid_points
-
-    seeds = list(seeds) if seeds else [base.seed]
-    # a grid over "seed" itself keeps its values (then seeds is just the base's)
-    jobs = [({"seed": seed, **point}, base.with_overrides({"seed": seed, **point}))
-            for point in grid_points(grid or {}) for seed in seeds]
-    store = ResultsStore(root)
-    done = [store.is_complete(experiment) for _, experiment in jobs]
-    if log is not None and any(done):
-        log(f"{sum(done)} of {len(jobs)} runs already complete in {store.runs}: skipping them")
-    bars = progress is True  # "lines": one line per finished run (a log file or a pipe), no bars
-    bar = tqdm(total=len(jobs), initial=sum(done), disable=not bars, desc="runs", position=0)
-    for index, ((overrides, experiment), complete) in enumerate(zip(jobs, done)):
-        if complete:
-            continue
-        bar.set_postfix_str(label(overrides, experiment), refresh=True)
-        partial = store.folder(experiment) / CHECKPOINTS
-        result = run(experiment, progress=bars, **resume_options(experiment, partial, checkpoint_every, log))
-        store.write(experiment, result, overrides, index)
-        shutil.rmtree(partial, ignore_errors=True)  # the stored run supersedes its checkpoints
-        bar.update(1)
-        if progress == "lines" and log is not None:
-            log(f"run {index + 1}/{len(jobs)} done: {label(overrides, experiment)}, seed {experiment.seed}, "
-                f"{result.wall_seconds:.1f} s")
-    bar.close()
-    return load_results(root, run_ids=[run_id(e) for _, e in jobs])
-
-
-def resume_options(experiment: Experiment, directory: Path, checkpoint_every: int | None, log=None) -> dict:
-    """``sim.run``'s checkpoint arguments for a run of a results directory: write into ``directory`` every
-    ``checkpoint_every`` steps (None or 0: never), and resume from its newest checkpoint if one is there and
-    loads (one that does not, e.g. written by another format version, is reported and the run starts over)."""
-    from . import checkpoint
-
-    if not checkpoint_every:
-        return {}
-    options = {"checkpoint_dir": directory, "checkpoint_every": checkpoint_every}
-    newest = checkpoint.latest(directory, workers=experiment.workers)
-    if newest is None:
-        return options
-    try:
-        checkpoint.load(newest, experiment)
-    except ValueError as error:
-        if log is not None:
-            log(f"{newest}: not resumable ({error}); starting that run over")
-        shutil.rmtree(directory, ignore_errors=True)
-        return options
-    if log is not None:
-        log(f"resuming {directory.parent.name} from {newest.name}")
-    return {**options, "resume_from": newest}
-
-
 # -- reading --------------------------------------------------------------------------------------------------
 def load_results(root: str | Path, run_ids: Sequence[str] | None = None) -> pd.DataFrame:
     """Every complete run under ``root`` (or only ``run_ids``, in that order) as one tidy DataFrame.
@@ -280,7 +209,7 @@ def load_results(root: str | Path, run_ids: Sequence[str] | None = None) -> pd.D
     runs = Path(root) / "runs"
     if not Path(root).is_dir():
         raise ValueError(f"load_results: {str(root)!r} is not a directory (a results folder from "
-                         f"`python -m sim sweep ... --out DIR` or sim.store.sweep_to_dir)")
+                         f"`python -m sim sweep ... --out DIR` or sim.workflow.store.sweep_to_dir)")
     if run_ids is None:
         folders = sorted(p for p in runs.glob("*") if p.is_dir() and not p.name.startswith("."))
     else:

@@ -7,7 +7,7 @@
 Values on the command line are parsed as bool (true/false), None (none/null), int, float, else string. ``--grid``
 replaces the config file's grid entry for that key (other keys of ``[sweep.grid]`` stay); ``--seeds``
 replaces its seeds. Each finished run is written to ``--out`` as it completes; running the same command again
-skips complete runs and resumes the one in progress from its checkpoint (see ``sim.store``). In a terminal a
+skips complete runs and resumes the one in progress from its checkpoint (see ``sim.workflow.store``). In a terminal a
 progress bar counts runs and an inner one steps; otherwise (a log file, a pipe, a batch job) each finished run
 prints one line.
 """
@@ -17,8 +17,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli_types import add_import_option, count
-from .config import load_config, parse_assignment, parse_seeds
+from ..workflow.config import load_config, parse_assignment, parse_seeds, parse_sweep
+from ..workflow.sweep import sweep_to_dir
+from .arguments import add_import_option, count
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -67,8 +68,6 @@ def _prepare(args: argparse.Namespace):
 
 
 def run_run(args: argparse.Namespace) -> int:
-    from .store import sweep_to_dir
-
     _, base, out = _prepare(args)
     table = sweep_to_dir(base, out, progress=progress_mode(args), log=print, checkpoint_every=args.checkpoint_every)
     _print_summary(table, out)
@@ -76,8 +75,6 @@ def run_run(args: argparse.Namespace) -> int:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from .config import parse_sweep
-    from .store import sweep_to_dir
 
     config, base, out = _prepare(args)
     grid = dict(config.grid)

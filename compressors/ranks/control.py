@@ -20,15 +20,15 @@ from typing import NamedTuple
 
 import torch
 
-from .base import Aggregator, numel
-from .error_feedback import with_error_feedback
-from .identity import Identity
-from .policies import Partition, Warmup
-from .powersgd import PowerSGDKernel, PowerSGDState
-from .rank_adaptive import Accordion, init_state as init_accordion, observe as observe_accordion
-from .rank_layers import SpectralAllocation, init_allocation, observe_allocation
-from .rank_schedule import Phase, rank_at, steps_in_phases
-from .serialization import register_record
+from ..base import Aggregator, numel
+from ..error_feedback import with_error_feedback
+from ..identity import Identity
+from ..policies import Partition, Warmup
+from ..powersgd import PowerSGDKernel, PowerSGDState
+from ..serialization import register_record
+from .adaptive import Accordion, init_state as init_accordion, observe as observe_accordion
+from .layers import SpectralAllocation, init_allocation, observe_allocation
+from .schedule import Phase, rank_at, steps_in_phases
 
 
 @register_record

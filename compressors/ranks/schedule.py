@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 from typing import NamedTuple
 
-from .options import invalid
+from ..options import invalid
 
 ALLOWED = ("a non-empty list of [first_step, rank] pairs: first step 0, strictly increasing integer steps, "
            "integer ranks >= 1, e.g. [[0, 4], [100, 2], [300, 1]]")

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from .base import Aggregator
+from ..base import Aggregator
+from ..comm import CollectiveError
 
 
 class ReplayCollective:
@@ -68,8 +69,6 @@ def guarded_aggregate(aggregator: Aggregator, grads: dict[str, torch.Tensor], st
     A compressor exception is replayed on zeros, skipping the collectives already issued; the update is then
     None and ``failure`` names the exception. Network failures (``CollectiveError``) propagate.
     """
-    from sim.distributed_collective import CollectiveError  # lazy: compressors never import sim eagerly
-
     if zeros:
         grads = {n: torch.zeros_like(g) for n, g in grads.items()}
     counting = ReplayCollective(comm)

@@ -13,27 +13,26 @@ import argparse
 import json
 from typing import Any
 
-from .cli_types import add_import_option
+from ..cost import ACCELERATORS, PRESETS
+from ..cost.whatif import MODELS, named_model
+from ..experiment import Experiment
+from ..optim import OPTIMIZER_OPTIONS
+from ..tasks import BUILT_IN_TASKS, TASK_REGISTRY, task_options
+from .arguments import add_import_option
+import compressors
 
 
 def tasks() -> list[dict[str, Any]]:
-    from .tasks import BUILT_IN_TASKS, TASK_REGISTRY, task_options
-
     return [{"name": name, "options": task_options(name), "origin": "built-in" if name in BUILT_IN_TASKS else
              getattr(TASK_REGISTRY[name], "__module__", "registered")} for name in TASK_REGISTRY]
 
 
 def compressor_list() -> list[dict[str, Any]]:
-    import compressors
-
     return [{"name": name, "options": compressors.options_of(name)} for name in sorted(compressors.REGISTRY)]
 
 
 def optimizers() -> list[dict[str, Any]]:
     import dataclasses
-
-    from .experiment import Experiment
-    from .optim import OPTIMIZER_OPTIONS
 
     defaults = {f.name: f.default for f in dataclasses.fields(Experiment)}
     shared = ["lr", "weight_decay", "lr_warmup_steps", "lr_milestones", "lr_decay"]
@@ -43,8 +42,6 @@ def optimizers() -> list[dict[str, Any]]:
 
 
 def networks() -> list[dict[str, Any]]:
-    from .cost import PRESETS
-
     rows = []
     for name, net in PRESETS.items():
         row = {"name": name, "options": {"alpha_us": net.alpha * 1e6, "gbit_per_s": net.bandwidth * 8 / 1e9}}
@@ -56,8 +53,6 @@ def networks() -> list[dict[str, Any]]:
 
 
 def accelerators() -> list[dict[str, Any]]:
-    from .cost import ACCELERATORS
-
     return [{"name": a.name, "options": {"fp32_tflops": a.fp32_tflops, "half_tflops": a.half_tflops,
                                          "memory_gb_per_s": a.memory_gbs}} for a in ACCELERATORS.values()]
 
@@ -67,11 +62,9 @@ def models() -> list[dict[str, Any]]:
     device: no memory, no random draws) and the per-worker batch their FLOPs are counted on."""
     import torch
 
-    from .cost.whatif import MODELS, _named_model
-
     rows = []
     for name, (_, batch, example) in MODELS.items():
-        factory, _, _ = _named_model(name)
+        factory, _, _ = named_model(name)
         with torch.device("meta"):
             module = factory()
         options = {"parameters": sum(p.numel() for p in module.parameters())}

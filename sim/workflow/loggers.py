@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from compressors.options import check_int
 
 #: metric -> TensorBoard tag (grouped as TensorBoard shows them: one section per prefix)
 TAGS = {
@@ -32,8 +33,6 @@ class TensorBoardLogger:
     """
 
     def __init__(self, log_dir: str | Path, every: int = 1):
-        from compressors.options import check_int
-
         check_int("TensorBoardLogger", "every", every, minimum=1)
         try:
             from torch.utils.tensorboard import SummaryWriter

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import Reduced, check_grads
-from .orthogonalize import orthogonalize, scale_down
-from .powersgd import PowerSGDKernel, PowerSGDState, _batch, group_by_matrix_shape, keep_nonzero
+from ..base import Reduced, check_grads
+from ..orthogonalize import orthogonalize, scale_down
+from ..powersgd import PowerSGDKernel, PowerSGDState, group_by_matrix_shape, group_matrices, keep_nonzero
 
 #: The package's floor under a rank-1 factor's norm (``powersgd/orthogonalization.py``).
 PACKAGE_NORM_FLOOR = 1e-16
@@ -66,7 +66,7 @@ class PackagePowerSGDKernel(PowerSGDKernel):
         iteration after the other (the base kernel's x_i - sum of messages differs in rounding)."""
         workers = check_grads("powersgd", x)
         groups = group_by_matrix_shape({n: g.shape[1:] for n, g in x.items()}, self.rank)
-        matrices = {gr.key: _batch(x, gr, workers) for gr in groups}  # (W, G, n, m), never written to
+        matrices = {gr.key: group_matrices(x, gr, workers) for gr in groups}  # (W, G, n, m), never written to
         update, residual, p, q = self._iterate(matrices, state, comm)
         new_state = PowerSGDState(state.step + 1, state.rng, p, q)
         return (Reduced(self._unstack(groups, update, x), None), new_state,

@@ -4,7 +4,7 @@ One line per configuration (the ``run`` column), the mean over seeds, and a shad
 max, or mean +- one standard deviation). Seeds are aligned on ``step``; the x value at a step is the mean over
 seeds (bits and simulated time are the same for every seed of a deterministic compressor). Rows where the
 metric is missing (e.g. test accuracy between evaluations) are dropped. A configuration that sends at least the
-dense bits carries " (dense)" in its ``run`` label (``sim.store.label``), so its legend entry says so.
+dense bits carries " (dense)" in its ``run`` label (``sim.workflow.store.label``), so its legend entry says so.
 ``compression_error`` is ||update - mean_i g_i|| / ||mean_i g_i||: the applied update (error-feedback memory
 included) against the exact mean of this step's gradients. matplotlib runs headless (Agg) unless the caller
 already chose a backend.

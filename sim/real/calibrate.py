@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .network import Network
+from ..cost.network import Network
+from .distributed import exit_without_finalizers
 
 OPS = ("all_reduce", "all_gather")
 #: The statistic kept per size: a low quantile of the repeats estimates the uncontended time (what a
@@ -95,7 +96,6 @@ def _worker(rank: int, nproc: int, init_method: str, backend: str, sizes, out_pa
         dist.destroy_process_group()
     if rank == 0:
         Path(out_path).write_text(json.dumps(rows))
-    from sim.distributed import exit_without_finalizers
 
     exit_without_finalizers()  # results written: no interpreter finalization to abort in
 

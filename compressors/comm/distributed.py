@@ -23,7 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .collective import Ledger, payload_record
+from .ledger import Ledger, payload_record
 
 DEFAULT_TIMEOUT_S = 60.0
 

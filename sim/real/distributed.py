@@ -25,8 +25,11 @@ from typing import Any
 
 import torch
 
-from .experiment import Experiment
-from .result import Result
+from compressors.comm import DistributedCollective
+from .. import checkpoint
+from ..experiment import Experiment, registering_modules
+from ..result import Result
+from ..runner import run
 
 BACKENDS = ("gloo", "nccl")
 
@@ -141,8 +144,6 @@ def run_distributed(experiment: Experiment | Sequence[Experiment], *, nproc: int
     holds (a crash can land between two processes' writes) and all continue from it, bitwise as if never
     interrupted.
     """
-    from . import checkpoint
-
     experiments = [experiment] if isinstance(experiment, Experiment) else list(experiment)
     if not experiments or not all(isinstance(e, Experiment) for e in experiments):
         raise ValueError("run_distributed: experiment is invalid; allowed: an Experiment or a list of them")
@@ -168,7 +169,6 @@ def run_distributed(experiment: Experiment | Sequence[Experiment], *, nproc: int
         checkpoint.claim(checkpoint_dir, experiments[0])
     if resume_from is not None:  # refuse unusable checkpoints here, before any process starts
         common_checkpoint_step(resume_from, experiments[0], nproc, ks[0])
-    from .config import registering_modules
 
     results = spawn(run_on_rank, nproc, (experiments, ks, collective_timeout, checkpointing, registering_modules()),
                     backend=backend, timeout=timeout, collective_timeout=collective_timeout, threads=threads)
@@ -180,11 +180,8 @@ def run_on_rank(rank: int, world: int, experiments: list[Experiment], ks: list[i
                 imports: Sequence[str] = ()) -> list[Result] | None:
     """What each process runs (also ``python -m sim.launch`` under torchrun): returns rank 0's Results.
     ``checkpointing``: ``sim.run``'s checkpoint arguments (``resume_from`` a directory, see ``run_distributed``);
-    ``imports``: modules that register the experiments' tasks or compressors (``sim.config.registering_modules``)."""
+    ``imports``: modules that register the experiments' tasks or compressors (``sim.experiment.registering_modules``)."""
     import importlib
-
-    from .distributed_collective import DistributedCollective
-    from .runner import run
 
     for module in imports:
         try:
@@ -219,8 +216,6 @@ def agreed_checkpoint(directory, experiment: Experiment, comm) -> str:
     both whatever it found (a directory it cannot read votes "none"), so all raise the same ValueError
     together when there is no common step: none is left waiting in a collective.
     """
-    from . import checkpoint
-
     local, workers = comm.local_workers, experiment.workers
     try:  # only files that pass every check but the state's structure (sim.run checks that on loading)
         steps = sorted(step for step, _, _ in checkpoint.valid_checkpoints(directory, experiment, local))
@@ -244,8 +239,6 @@ def agreed_checkpoint(directory, experiment: Experiment, comm) -> str:
 def common_checkpoint_step(directory, experiment: Experiment, nproc: int, k: int) -> int:
     """The newest step at which every process's workers have a valid checkpoint file in ``directory`` (read
     here, in one process; each file is checked as ``checkpoint.read`` does), or a ValueError naming why not."""
-    from . import checkpoint
-
     held, reasons = [], []
     for rank in range(nproc):
         local = range(rank * k, rank * k + k)

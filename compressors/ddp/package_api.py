@@ -40,11 +40,12 @@ from typing import Any
 
 import torch
 
-from .options import MAX_SEED, check_choice, check_float, check_int
-from .orthogonalize import ORTHOGONALIZATIONS
+from ..comm import DistributedCollective, VirtualCollective
+from ..options import MAX_SEED, check_choice, check_float, check_int
+from ..orthogonalize import ORTHOGONALIZATIONS
+from ..policies import compose
+from ..serialization import from_plain, to_plain
 from .package_kernel import PackagePowerSGDKernel
-from .policies import compose
-from .serialization import from_plain, to_plain
 
 _ORTH_ALIASES = {"gram-schmidt": "gram_schmidt"}  # the hyphenated spelling is accepted too
 
@@ -135,7 +136,5 @@ def _collective(process_group, timeout: float):
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        from sim.distributed_collective import DistributedCollective
         return DistributedCollective(1, group=process_group, timeout=timeout, keep_records=False)
-    from sim.collective import VirtualCollective
     return VirtualCollective(1, keep_records=False)  # totals only: a training loop runs for long

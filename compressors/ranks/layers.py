@@ -31,9 +31,9 @@ from typing import NamedTuple
 
 import torch
 
-from .base import matrix_view_shape
-from .options import check_choice, check_int, check_known_options, invalid
-from .serialization import register_record
+from ..base import matrix_view_shape
+from ..options import check_choice, check_int, check_known_options, invalid
+from ..serialization import register_record
 
 ALLOCATION_RULES = ("spectral",)
 ALLOCATION_KEYS = ("rule", "budget_bits", "every", "max_rank")

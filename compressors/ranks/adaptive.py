@@ -28,8 +28,8 @@ from typing import NamedTuple
 
 import torch
 
-from .options import check_choice, check_float, check_int, check_known_options, invalid
-from .serialization import register_record
+from ..options import check_choice, check_float, check_int, check_known_options, invalid
+from ..serialization import register_record
 
 ADAPTIVE_RULES = ("accordion",)
 KEYS = ("rule", "low_rank", "high_rank", "interval", "threshold")
