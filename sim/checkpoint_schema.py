@@ -32,6 +32,10 @@ from .simulation import TrainState
 FORMAT_VERSION = 2  # 2: registered record tags and a checksum; 1 (importable type names) is refused
 KEYS = ("format_version", "experiment", "local_workers", "step", "state", "rows", "ledger")  # + "checksum"
 LEDGER_KEYS = ("calls", "total_bits", "records")
+#: Experiment fields added after files of this format were first written, with their defaults: a file without
+#: one was written by a run that behaved as that default (any other absent field is a difference).
+LATER_FIELDS = {f.name: f.default for f in dataclasses.fields(Experiment) if f.name in (
+    "lr_schedule", "lr_poly_power", "weight_decay_exclude", "clip_grad_norm", "validation_fraction")}
 
 
 class Checkpoint(NamedTuple):
@@ -180,6 +184,8 @@ def check_same_experiment(saved: dict[str, Any], experiment: Experiment) -> None
 def experiment_differences(saved: dict[str, Any], experiment: Experiment) -> str:
     """'' when equal, else 'differing fields: a, b (a: checkpoint x, experiment y; ...)'."""
     current = experiment.to_dict()
+    # A field added after the file was written is absent from it: that run had the field's default behaviour.
+    saved = {**{k: v for k, v in LATER_FIELDS.items() if k not in saved}, **saved}
     differing = [k for k in sorted(set(saved) | set(current), key=str)
                  if k not in saved or k not in current or not _same(saved[k], current[k])]
     if not differing:

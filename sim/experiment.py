@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +16,8 @@ import compressors
 from compressors.options import MAX_SEED, check_bool, check_choice, check_float, check_int, check_known_options, invalid
 from .cost import resolve_network
 from .engine import ENGINES
-from .optim import OPTIMIZERS, check_optimizer_options, make_optimizer
+from .optim import (LR_SCHEDULES, OPTIMIZERS, check_optimizer_options, check_patterns, decay_excluded, learning_rate,
+    make_optimizer)
 from .sharding import SHARDINGS
 from .tasks import TASK_REGISTRY, validate_task
 
@@ -39,6 +40,17 @@ class Experiment:
     lr_warmup_steps: int = 0
     lr_milestones: tuple[int, ...] = ()
     lr_decay: float = 0.1
+    # "step": lr_milestones/lr_decay above; "cosine": lr -> 0 over the steps after the warm-up; "poly":
+    # lr * (1 - t/T) ** lr_poly_power (t, T: steps since / after the warm-up). See sim.optim.learning_rate.
+    lr_schedule: str = "step"
+    lr_poly_power: float = 1.0
+    weight_decay_exclude: tuple[str, ...] = ()  # fnmatch patterns on parameter names: no weight decay for those
+    # Clip the aggregated update (the one every worker applies) to this global 2-norm before the optimizer; not
+    # per-worker gradient clipping. None: off.
+    clip_grad_norm: float | None = None
+    # Hold out this fraction of the training set (a fixed split, the same for every seed: sim.tasks.split) and
+    # log val_loss / val_accuracy on evaluated steps. 0: no validation split.
+    validation_fraction: float = 0.0
     # applied to the aggregated update: "sgd" (momentum, nesterov above), "adam" or "adamw" (betas, eps, amsgrad
     # in optimizer_options; lr, weight_decay, warm-up and decay shared). See sim/optim.py.
     optimizer: str = "sgd"
@@ -83,6 +95,7 @@ class Experiment:
             raise invalid(own, "lr_milestones", milestones, "a list of step numbers >= 0")
         object.__setattr__(self, "lr_milestones", tuple(sorted(milestones)))
         check_float(own, "lr_decay", self.lr_decay, minimum=0.0, maximum=1.0, min_inclusive=False)
+        self._check_training_options()
         self._check_optimizer()
         self._check_compressor()
         check_choice(own, "sharding", self.sharding, SHARDINGS)
@@ -99,6 +112,25 @@ class Experiment:
         if self.network is not None:
             resolve_network(self.network)
 
+    def _check_training_options(self):
+        """lr_schedule and its options, weight_decay_exclude, clip_grad_norm, validation_fraction."""
+        own = "Experiment"
+        check_choice(own, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_float(own, "lr_poly_power", self.lr_poly_power, minimum=0.0, min_inclusive=False)
+        # A field of another schedule would be silently ignored: refuse it, as momentum with Adam.
+        owners = {"lr_milestones": "step", "lr_decay": "step", "lr_poly_power": "poly"}
+        for name, schedule in owners.items():
+            if self.lr_schedule != schedule and getattr(self, name) != _FIELD_DEFAULTS[name]:
+                raise invalid(own, name, getattr(self, name),
+                              f"{_FIELD_DEFAULTS[name]!r} (the default) with lr_schedule={self.lr_schedule!r}: "
+                              f"{name} applies only to lr_schedule={schedule!r}")
+        object.__setattr__(self, "weight_decay_exclude",
+                           check_patterns(own, "weight_decay_exclude", self.weight_decay_exclude))
+        if self.clip_grad_norm is not None:
+            check_float(own, "clip_grad_norm", self.clip_grad_norm, minimum=0.0, min_inclusive=False)
+        check_float(own, "validation_fraction", self.validation_fraction, minimum=0.0, maximum=1.0,
+                    max_inclusive=False)
+
     def _check_optimizer(self):
         check_choice("Experiment", "optimizer", self.optimizer, OPTIMIZERS)
         if self.optimizer != "sgd":  # momentum/nesterov are SGD's; Adam's moments are optimizer_options["betas"]
@@ -112,9 +144,17 @@ class Experiment:
         options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.optimizer_options.items()}
         object.__setattr__(self, "optimizer_options", options)  # plain data: the same after a JSON round trip
 
-    def make_optimizer(self):
+    def make_optimizer(self, parameter_names: Iterable[str] = ()):
+        """The optimizer; ``parameter_names`` (the model's) resolve ``weight_decay_exclude`` (a pattern matching
+        none of them warns: ``sim.optim.decay_excluded``)."""
+        no_decay = decay_excluded(parameter_names, self.weight_decay_exclude) if self.weight_decay_exclude else ()
         return make_optimizer(self.optimizer, self.optimizer_options, momentum=self.momentum, nesterov=self.nesterov,
-                              weight_decay=self.weight_decay)
+                              weight_decay=self.weight_decay, no_decay=no_decay)
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of 0-based step ``step`` under this experiment's schedule (``sim.optim.learning_rate``)."""
+        return learning_rate(step, self.lr, self.lr_warmup_steps, self.lr_milestones, self.lr_decay,
+                             schedule=self.lr_schedule, total_steps=self.steps, power=self.lr_poly_power)
 
     def _check_step_sizes(self):
         """lr and weight_decay must leave room in the run's dtype: at most finfo(dtype).max / UPDATE_HEADROOM.
@@ -181,6 +221,7 @@ class Experiment:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["lr_milestones"] = list(self.lr_milestones)
+        out["weight_decay_exclude"] = list(self.weight_decay_exclude)
         if self.network is not None and not isinstance(self.network, (str, dict)):
             out["network"] = dataclasses.asdict(self.network) if dataclasses.is_dataclass(self.network) else repr(self.network)
         return out

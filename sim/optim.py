@@ -11,11 +11,18 @@ float64).
     adam   L2 weight decay added to the gradient     torch.optim.Adam  (Kingma & Ba 2015, Alg. 1)
     adamw  decoupled weight decay                    torch.optim.AdamW (Loshchilov & Hutter 2019, Alg. 2)
 
-The learning rate comes from ``learning_rate`` (warm-up and step decay), shared by every optimizer.
+The learning rate comes from ``learning_rate`` (warm-up, then step decay, cosine or polynomial annealing),
+shared by every optimizer. Weight decay skips the parameters named in ``no_decay`` (the patterns of
+``Experiment.weight_decay_exclude`` resolved on the model by ``decay_excluded``), as torch.optim does for a
+second parameter group with weight_decay 0. ``clip_by_global_norm`` (``Experiment.clip_grad_norm``) scales the
+aggregated update before the optimizer sees it, as ``torch.nn.utils.clip_grad_norm_`` scales gradients.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import fnmatch
+import math
+import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -53,6 +60,7 @@ class SGD:
     momentum: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
+    no_decay: frozenset[str] = frozenset()  # parameter names that get no weight decay
 
     def init(self, params: Tensors) -> SGDState:
         return SGDState({name: torch.zeros_like(p) for name, p in params.items()})
@@ -66,7 +74,7 @@ class SGD:
         new_params, new_momentum = {}, {}
         for name, p in params.items():
             d = update[name].to(p.dtype)
-            if self.weight_decay:
+            if self.weight_decay and name not in self.no_decay:
                 d = d.add(p, alpha=self.weight_decay)
             if self.momentum:
                 m = state.momentum[name].mul(self.momentum).add_(d)
@@ -94,6 +102,7 @@ class Adam:
     weight_decay: float = 0.0
     decoupled: bool = False
     amsgrad: bool = False
+    no_decay: frozenset[str] = frozenset()  # parameter names that get no weight decay
 
     def init(self, params: Tensors) -> AdamState:
         zeros = lambda: {name: torch.zeros_like(p) for name, p in params.items()}  # noqa: E731
@@ -109,7 +118,7 @@ class Adam:
         new_params, exp_avgs, exp_avg_sqs, maxima = {}, {}, {}, {}
         for name, p in params.items():
             g = update[name].to(p.dtype)
-            if self.weight_decay != 0:
+            if self.weight_decay != 0 and name not in self.no_decay:
                 if self.decoupled:
                     p = p.mul(1 - lr * self.weight_decay)
                 else:
@@ -152,16 +161,79 @@ def check_optimizer_options(optimizer: str, options: Any) -> dict[str, Any]:
 
 
 def make_optimizer(optimizer: str, options: Mapping[str, Any], *, momentum: float, nesterov: bool,
-                   weight_decay: float) -> SGD | Adam:
-    """The optimizer an Experiment names (its fields already validated)."""
+                   weight_decay: float, no_decay: Iterable[str] = ()) -> SGD | Adam:
+    """The optimizer an Experiment names (its fields already validated); ``no_decay``: parameter names without
+    weight decay."""
+    no_decay = frozenset(no_decay)
     if optimizer == "sgd":
-        return SGD(momentum, nesterov, weight_decay)
+        return SGD(momentum, nesterov, weight_decay, no_decay)
     values = check_optimizer_options(optimizer, options)
     return Adam(values["betas"], float(values["eps"]), weight_decay, decoupled=optimizer == "adamw",
-                amsgrad=values["amsgrad"])
+                amsgrad=values["amsgrad"], no_decay=no_decay)
 
 
-def learning_rate(step: int, base: float, warmup_steps: int, milestones: tuple[int, ...], decay: float) -> float:
-    """Linear warm-up over ``warmup_steps`` (Goyal et al. 2017), then x ``decay`` at each milestone passed."""
-    lr = base * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else base
-    return lr * decay ** sum(1 for m in milestones if step >= m)
+def check_patterns(owner: str, field: str, patterns: Any) -> tuple[str, ...]:
+    """A list of non-empty fnmatch patterns (strings) as a tuple; ValueError naming ``field`` otherwise."""
+    if isinstance(patterns, (str, bytes)) or not isinstance(patterns, (list, tuple)) or not all(
+            isinstance(p, str) and p for p in patterns):
+        raise invalid(owner, field, patterns, 'a list of non-empty fnmatch patterns on parameter names, e.g. '
+                                              '["*bias", "*norm*"]')
+    return tuple(patterns)
+
+
+def decay_excluded(names: Iterable[str], patterns: Iterable[str]) -> frozenset[str]:
+    """The parameter names matching any pattern (``fnmatch.fnmatchcase``: case-sensitive, ``*`` also crosses
+    dots). A pattern that matches no parameter warns (a ``UserWarning`` listing the names): it is most likely a
+    typo, yet a protocol may share one list across models with and without, say, normalisation layers."""
+    names = list(names)
+    excluded = set()
+    for pattern in patterns:
+        matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+            warnings.warn(f"Experiment.weight_decay_exclude: pattern {pattern!r} matches no parameter of this "
+                          f"model (its parameters: {shown})", UserWarning, stacklevel=3)
+        excluded.update(matched)
+    return frozenset(excluded)
+
+
+def clip_by_global_norm(update: Tensors, max_norm: float) -> tuple[Tensors, float]:
+    """(update scaled by min(1, max_norm / (norm + 1e-6)), norm), norm being the 2-norm of all tensors together.
+
+    ``torch.nn.utils.clip_grad_norm_``'s arithmetic (its total norm is ``torch.nn.utils.get_total_norm``; the
+    scale is clamped at 1 and always applied, a no-op multiplication below the threshold), on a dict of tensors
+    and out of place: the aggregator's update may share storage with its state."""
+    if not update:
+        return update, 0.0
+    total = torch.nn.utils.get_total_norm(list(update.values()), 2.0)
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    return {name: u.mul(scale.to(u.device)) for name, u in update.items()}, float(total)
+
+
+LR_SCHEDULES = ("step", "cosine", "poly")
+
+
+def learning_rate(step: int, base: float, warmup_steps: int, milestones: tuple[int, ...] = (), decay: float = 0.1,
+                  *, schedule: str = "step", total_steps: int = 0, power: float = 1.0) -> float:
+    """The learning rate of 0-based step ``step`` (the one that makes update ``step + 1``).
+
+    Linear warm-up over the first ``warmup_steps`` steps, base * (step + 1) / warmup_steps (Goyal et al. 2017;
+    torch's LinearLR from 1 / warmup_steps), then by ``schedule``:
+        step    base, x ``decay`` at each milestone passed (milestones count steps from 0, warm-up included;
+                torch's MultiStepLR, multiplied by the warm-up factor)
+        cosine  base * (1 + cos(pi t / T)) / 2   (torch's CosineAnnealingLR with eta_min = 0, T_max = T)
+        poly    base * (1 - t / T) ** power      (torch's PolynomialLR with total_iters = T)
+    with t = step - warmup_steps and T = total_steps - warmup_steps: the annealed schedules start at ``base``
+    right after the warm-up and would reach 0 at step ``total_steps``, one past the last step of the run.
+    """
+    if schedule == "step":
+        lr = base * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else base
+        return lr * decay ** sum(1 for m in milestones if step >= m)
+    if step < warmup_steps:
+        return base * ((step + 1) / warmup_steps)
+    t, horizon = step - warmup_steps, total_steps - warmup_steps
+    if schedule == "cosine":
+        return base * (1 + math.cos(math.pi * t / horizon)) / 2
+    if schedule == "poly":
+        return base * (1.0 - t / horizon) ** power
+    raise invalid("learning_rate", "schedule", schedule, "one of " + ", ".join(map(repr, LR_SCHEDULES)))

@@ -24,7 +24,8 @@ def run(experiment: Experiment, *, comm=None, local_workers: range | None = None
         on_step=None, checkpoint_dir=None, checkpoint_every: int | None = None, resume_from=None) -> Result:
     """Run an experiment; returns its Result. ``on_step(simulation, state)`` is called after every step, with
     that step's metrics in ``simulation.last_metrics`` (a dict: step, lr, train_loss, bits, ...; test_loss and
-    test_accuracy on evaluated steps; e.g. ``sim.workflow.loggers.TensorBoardLogger``);
+    test_accuracy on evaluated steps, and val_loss and val_accuracy with a validation split; e.g.
+    ``sim.workflow.loggers.TensorBoardLogger``);
     ``state`` continues from a TrainState. ``checkpoint_dir``/``checkpoint_every``: write a checkpoint every
     that many steps and at the end; ``resume_from``: a checkpoint directory (its latest) or file to continue
     from, history included, bitwise as if never interrupted (``sim.checkpoint``)."""
@@ -49,6 +50,8 @@ def run(experiment: Experiment, *, comm=None, local_workers: range | None = None
         logged = state.step % experiment.log_every == 0 or state.step == experiment.steps
         if _should_eval(experiment, state.step):
             metrics["test_loss"], metrics["test_accuracy"] = sim.evaluate(state)
+            if sim.task.val_x is not None:  # Experiment.validation_fraction > 0
+                metrics["val_loss"], metrics["val_accuracy"] = sim.evaluate(state, "validation")
             logged = True
         if logged:
             rows.append(metrics)
@@ -68,13 +71,16 @@ def run(experiment: Experiment, *, comm=None, local_workers: range | None = None
 #: The history's columns. bits: cumulative payload bits one worker sent. compression_error: the relative error
 #: of the applied update against the exact mean of the step's gradients, error-feedback memory included
 #: (||update - mean_i g_i|| / ||mean_i g_i||; NaN on steps not measured, see compression_error_every).
-#: memory_norm: sqrt(mean_i ||e_i||^2) of the error-feedback residuals.
-HISTORY_COLUMNS = ["step", "lr", "train_loss", "test_loss", "test_accuracy", "bits", "compression_error",
-                   "memory_norm", "skipped_steps", "sim_time"]
+#: memory_norm: sqrt(mean_i ||e_i||^2) of the error-feedback residuals. Only when their option is on:
+#: val_loss/val_accuracy (validation_fraction > 0, on evaluated steps), update_norm (clip_grad_norm: the
+#: aggregated update's global norm before clipping), sim_time (network).
+HISTORY_COLUMNS = ["step", "lr", "train_loss", "test_loss", "test_accuracy", "val_loss", "val_accuracy", "bits",
+                   "compression_error", "memory_norm", "update_norm", "skipped_steps", "sim_time"]
+OPTIONAL_COLUMNS = ("val_loss", "val_accuracy", "update_norm", "sim_time")
 
 
 def _columns(rows: list[dict[str, float]]) -> list[str]:
     present = {key for row in rows for key in row}
-    return [c for c in HISTORY_COLUMNS if c in present or c in HISTORY_COLUMNS[:9]] + sorted(
+    return [c for c in HISTORY_COLUMNS if c in present or c not in OPTIONAL_COLUMNS] + sorted(
         present - set(HISTORY_COLUMNS))
 

@@ -16,17 +16,19 @@ import torch
 
 from compressors.comm import VirtualCollective
 from compressors.degenerate import warn_if_dense
+from compressors.options import check_choice, invalid
 from compressors.serialization import register_record
 from compressors.state_tree import float_leaves, memory_tensors, squared_norm
 from .cost import price_step, resolve_network
 from .engine import evaluate, make_engine
 from .experiment import Experiment
 from .models import build
-from .optim import AdamState, SGDState, learning_rate
+from .optim import AdamState, SGDState, clip_by_global_norm
 from .sharding import BatchSampler, make_shards
-from .tasks import Task, load_task
+from .tasks import Task, load_task, split_validation
 
 Tensors = dict[str, torch.Tensor]
+EVAL_SPLITS = ("test", "validation")
 
 
 @register_record
@@ -55,17 +57,19 @@ class Simulation:
             raise ValueError(f"run: comm.workers={self.comm.workers} does not match Experiment.workers={e.workers}")
         self.local_workers = local_workers if local_workers is not None else range(e.workers)
         self.task: Task = load_task(e.task, dict(e.task_options), e.torch_dtype)
+        if e.validation_fraction > 0:  # a fixed split, the same for every seed (sim/tasks/split.py)
+            self.task = split_validation(self.task, e.validation_fraction)
         if e.workers > len(self.task.train_x):  # every worker needs at least one sample of its own
             raise ValueError(f"Experiment: workers={e.workers!r} is invalid for task {e.task!r}; allowed: at most "
                              f"its {len(self.task.train_x)} training samples")
         self.model = build(self.task.model, e.seed, dtype=e.torch_dtype)
         self.engine = make_engine(e.engine, self.model, self.task.loss)
         self.aggregator = e.make_compressor()
-        self.optimizer = e.make_optimizer()
         shards = make_shards(self.task.labels if self.task.labels is not None else torch.zeros(len(self.task.train_x)),
                              e.workers, e.sharding, e.label_skew_alpha, e.seed)
         self.sampler = BatchSampler(shards, e.batch_size, e.seed)
         self.shapes = {name: tuple(p.shape) for name, p in self.model.named_parameters()}
+        self.optimizer = e.make_optimizer(self.shapes)  # parameter names resolve weight_decay_exclude
         self.last_metrics: dict[str, float] = {}  # the latest step's metrics, for on_step callbacks (see run)
         if e.compressor.get("name") != "identity":  # the exact all-reduce is the dense baseline, not degenerate
             warn_if_dense(self.aggregator, self.shapes, f"compressor {dict(e.compressor)}", e.torch_dtype)
@@ -89,8 +93,7 @@ class Simulation:
         indices = self.sampler.batch(self.local_workers, state.step)  # (k, B)
         x, y = self.task.train_x[indices], self.task.train_y[indices]
         grads, losses, buffers = self.engine.gradients(state.params, state.buffers, x, y)
-        metrics = {"step": state.step + 1, "lr": learning_rate(state.step, e.lr, e.lr_warmup_steps,
-                                                                e.lr_milestones, e.lr_decay)}
+        metrics = {"step": state.step + 1, "lr": e.learning_rate(state.step)}
         # One read of each (k, *shape) gradient serves both the finiteness check (a non-finite element makes
         # its column sum non-finite) and, below, the exact mean the compression error is measured against.
         sums = {name: g.sum(0) for name, g in grads.items()}  # (*shape)
@@ -110,6 +113,8 @@ class Simulation:
         if anywhere > 0:  # finite gradients, non-finite result: an overflow inside the compressor
             return self._skip(state, metrics, f"non-finite compressor output in {bad or 'another process'} from "
                                               "finite gradients (an overflow, e.g. of a 16-bit cast or factor)")
+        if e.clip_grad_norm is not None:  # the aggregated update, identical on every worker: no collective
+            update, metrics["update_norm"] = clip_by_global_norm(update, e.clip_grad_norm)
         params, opt_state = self.optimizer.step(state.params, update, state.optimizer, metrics["lr"])
         # A finite update can still overflow the parameters or the optimizer's state (lr * update beyond the
         # dtype's range, a squared update in Adam's second moment). Both are identical on every process (the
@@ -162,12 +167,17 @@ class Simulation:
             metrics["sim_time"] = state.sim_time
         return skipped, metrics
 
-    def evaluate(self, state: TrainState) -> tuple[float, float]:
-        """Test loss and accuracy with this process's first worker's BatchNorm statistics (worker 0 on rank 0,
-        like DDP's broadcast_buffers)."""
+    def evaluate(self, state: TrainState, split: str = "test") -> tuple[float, float]:
+        """Loss and accuracy (NaN for regression) on the "test" split or the "validation" one (held out of the
+        training set by ``Experiment.validation_fraction``), with this process's first worker's BatchNorm
+        statistics (worker 0 on rank 0, like DDP's broadcast_buffers)."""
+        check_choice("Simulation.evaluate", "split", split, EVAL_SPLITS)
+        x, y = (self.task.test_x, self.task.test_y) if split == "test" else (self.task.val_x, self.task.val_y)
+        if x is None:
+            raise invalid("Simulation.evaluate", "split", split, "'test' (this run has no validation split: set "
+                                                                 "Experiment.validation_fraction > 0)")
         buffers = {name: b[0] for name, b in state.buffers.items()}
-        return evaluate(self.model, state.params, buffers, self.task.test_x, self.task.test_y, self.task.loss,
-                        self.task.classification)
+        return evaluate(self.model, state.params, buffers, x, y, self.task.loss, self.task.classification)
 
     # -- metrics -----------------------------------------------------------------------------------------
     def _compression_error(self, grads: Tensors, sums: Tensors, update: Tensors) -> float:

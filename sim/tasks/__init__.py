@@ -15,6 +15,7 @@ import torch
 from compressors.options import check_choice, check_known_options, invalid
 from .base import Task
 from .custom import custom_task
+from .split import SPLIT_SEED, split_validation
 from .digits import digits_cnn_task, digits_mlp_task, validate_digits_options
 from .synthetic import synthetic_lowrank_task, validate_synthetic_options
 from .charlm import charlm_task, validate_charlm_options
@@ -89,4 +90,5 @@ register_task("fashion-mnist-mlp", fashion_mnist_mlp_task, validate_fashion_opti
 register_task("fashion-mnist-cnn", fashion_mnist_cnn_task, validate_fashion_options)
 BUILT_IN_TASKS = tuple(TASK_REGISTRY)  # registered above; register_task refuses to replace them
 
-__all__ = ["Task", "TASK_REGISTRY", "register_task", "custom_task", "task_options", "load_task", "validate_task"]
+__all__ = ["Task", "TASK_REGISTRY", "register_task", "custom_task", "task_options", "load_task", "validate_task",
+           "split_validation", "SPLIT_SEED"]

@@ -1,4 +1,4 @@
-"""What a task is: data with a held-out test split, a model factory and a loss."""
+"""What a task is: data with a held-out test split (and optionally a validation split), a model factory and a loss."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -20,6 +20,8 @@ class Task:
     classification: bool = True
     zero_init: bool = False  # start from all-zero parameters (synthetic-lowrank: controlled gradient spectrum)
     labels: torch.Tensor | None = None  # (N,) class of each training sample, for label-skewed sharding
+    val_x: torch.Tensor | None = None  # a validation split held out of the training set (sim.tasks.split)
+    val_y: torch.Tensor | None = None
 
 
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
