@@ -161,7 +161,8 @@ def summary(result, history: pd.DataFrame) -> dict[str, Any]:
     out = {"rows": len(history), "wall_seconds": round(result.wall_seconds, 3),
            "bits_per_step": result.bits_per_step, "dense_bits_per_step": result.dense_bits_per_step,
            "compression_ratio": result.compression_ratio}
-    for column in ("train_loss", "test_loss", "test_accuracy", "test_perplexity", "bits", "sim_time"):
+    for column in ("train_loss", "test_loss", "test_accuracy", "test_perplexity", "val_loss", "val_accuracy", "bits",
+                   "sim_time"):
         if column in history:
             values = history[column].dropna()
             out[f"final_{column}"] = float(values.iloc[-1]) if len(values) else None
