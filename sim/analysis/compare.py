@@ -136,8 +136,11 @@ def paired_summary(config: np.ndarray, reference: np.ndarray, confidence: float 
 
 def verdict(p_difference: float, p_equivalence: float, mean_diff: float, alpha: float, lower_is_better: bool,
             censored: bool = False) -> str:
-    """A rejected difference wins over equivalence: a difference shown inside the margin is still a difference,
-    and calling it "equivalent" would flatter the worse side. NaN p-values reject nothing."""
+    """The word for one comparison; NaN p-values reject nothing.
+
+    A rejected difference wins over equivalence: a difference shown inside the margin is still a difference,
+    and calling it "equivalent" would flatter the worse side.
+    """
     if p_difference < alpha:
         word = "better" if (mean_diff < 0) == lower_is_better else "worse"
     elif p_equivalence < alpha:
