@@ -332,3 +332,26 @@ def test_new_arguments_are_validated():
         sim.compare(table, baseline="exact", correction="bonferroni")
     with pytest.raises(ValueError, match="config and reference are invalid with NaN/inf"):
         sim.analysis.paired_summary(np.array([1.0, math.inf]), np.array([1.0, 2.0]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2 ** 32 - 1), st.integers(2, 8), st.floats(0.3, 0.9))
+def test_censored_sides_never_get_the_verdicts_censoring_could_fake(seed, n, reach_rate):
+    """Random reach steps, some never reached: the invariants of the censoring rule hold on every table."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for label in ("exact", "a", "b"):
+        for s in range(n):
+            first = int(rng.integers(1, 10)) * 10 if rng.random() < reach_rate else None
+            for step in range(10, 110, 10):
+                rows.append({"label": label, "seed": s, "step": step,
+                             "test_accuracy": 0.9 if first is not None and step >= first else 0.1})
+    result = sim.compare(pd.DataFrame(rows), baseline="exact", target=0.5, equivalence_margin=50.0)
+    for _, row in result.iterrows():
+        word = row["verdict"].removesuffix(" (censored)")
+        assert row["verdict"].endswith("(censored)") == (row["never_reached"] > 0)
+        if row["censored"]:
+            assert word not in ("better", "equivalent")
+        if row["baseline_censored"]:
+            assert word not in ("worse", "equivalent")
+        assert row["n"] == n  # nothing dropped
