@@ -14,7 +14,7 @@ from sim.analysis import protocol
 from sim.analysis.protocol import best_lr, summarise
 
 TINY = sim.Experiment(task="digits-mlp", workers=2, steps=20, batch_size=16, eval_every=0,
-                      task_options={"hidden": [16]})
+                      task_options={"hidden": [16]}, validation_fraction=0.2)
 
 
 def test_parallel_sweep_equals_the_serial_one_row_for_row():
@@ -93,7 +93,7 @@ def test_tune_lr_rejects_bad_grids_seeds_and_metrics():
 
 def test_validation_metric_without_a_validation_split_says_how_to_get_one():
     with pytest.raises(ValueError, match=r"metric='val_accuracy' is invalid; .*validation_fraction"):
-        sim.tune_lr(TINY.replace(steps=2), [0.1])
+        sim.tune_lr(TINY.replace(steps=2, validation_fraction=0.0), [0.1])
 
 
 def fake_history(experiment: sim.Experiment):
