@@ -20,12 +20,14 @@ import torch
 
 from .timing import table
 
-BENCHMARKS = ("optimizations", "overhead", "vmap_vs_loop", "torch_hook", "ddp_hook", "sim_vs_real", "memory")
+BENCHMARKS = ("optimizations", "overhead", "vmap_vs_loop", "torch_hook", "ddp_hook", "sim_vs_real", "memory",
+              "shaped_link")
 #: metric -> (comparison, target) checked at the end.
 TARGETS = {"sim_overhead_ratio_w16": ("<=", 2.0), "vmap_vs_loop_speedup_w16": (">=", 10.0),
            "default_engine_vs_loop_speedup_w16": (">=", 0.95),
            "powersgd_vs_torch_hook_ratio_resnet18_r2": ("<=", 1.0), "sim_vs_real_speedup_w4": (">=", 5.0),
-           "ddp_hook_vs_torch_hook_step_ratio": ("<=", 1.0)}
+           "ddp_hook_vs_torch_hook_step_ratio": ("<=", 1.0),
+           "forecast_time_to_accuracy_max_rel_error": ("<=", 0.20)}
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results.json")
 MARKDOWN = os.path.join(os.path.dirname(HERE), "BENCHMARKS.md")

@@ -14,6 +14,7 @@ from .analysis import compare, tune_lr
 from .cost import time_to_accuracy, whatif
 from .experiment import Experiment
 from .real.distributed import run_distributed
+from .real.forecast import Forecast, forecast
 from .result import Result
 from .runner import run
 from .simulation import NonFiniteGradientError, Simulation, TrainState
@@ -23,7 +24,7 @@ from .workflow.sweep import sweep
 
 __all__ = [
     "Experiment", "Result", "run", "sweep", "compare", "tune_lr", "whatif", "time_to_accuracy", "load_results",
-    "run_distributed", "Simulation", "TrainState", "NonFiniteGradientError",
+    "run_distributed", "forecast", "Forecast", "Simulation", "TrainState", "NonFiniteGradientError",
     "Ledger", "LedgerRecord", "VirtualCollective", "DistributedCollective",
     "checkpoint", "plot",
 ]

@@ -47,6 +47,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default workers / processes)")
     parser.add_argument("--backend", default="gloo", choices=("gloo", "nccl"),
                         help="torch.distributed backend, e.g. --backend nccl on GPUs (default gloo)")
+    parser.add_argument("--link", default=None,
+                        help="spawned processes talk over a real link of this rate: a network namespace whose "
+                             "loopback is shaped by tc (root and iproute2 needed; gloo), e.g. --link 100mbit")
     parser.add_argument("--timeout", type=positive_number, default=60.0,
                         help="seconds any collective may take, e.g. --timeout 300 (default 60)")
     parser.add_argument("--out", default=None,
@@ -101,6 +104,9 @@ def launch(args: argparse.Namespace) -> int:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun (or any env:// launcher)
         import torch.distributed as dist
 
+        if args.link is not None:
+            raise ValueError("sim.launch: --link is invalid under torchrun; allowed: --link when sim.launch spawns "
+                             "the processes itself (or start torchrun inside a shaped namespace yourself)")
         if args.backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(args.backend, init_method="env://",
@@ -116,7 +122,7 @@ def launch(args: argparse.Namespace) -> int:
     else:
         result = run_distributed(experiment, nproc=args.nproc, backend=args.backend,
                                  workers_per_process=args.workers_per_process, collective_timeout=args.timeout,
-                                 **options)
+                                 link=args.link, **options)
     if result is not None:
         last = result.history.iloc[-1].to_dict()
         print(json.dumps({k: v for k, v in last.items() if isinstance(v, (int, float))}, default=float))

@@ -19,7 +19,8 @@ from . import listing, runs
 from ..cost import whatif
 from ..cost.whatif import format_does_it_pay
 from ..experiment import Experiment
-from ..real.calibrate import DEFAULT_SIZES, calibrate
+from ..real.calibrate import calibrate, sizes_for
+from ..real.link import ShapedLink
 from ..tasks import TASK_REGISTRY
 from ..workflow.config import import_modules
 from .arguments import Parser, add_import_option, positive_int, run_command
@@ -118,20 +119,27 @@ def add_calibrate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None,
                         help="Network JSON, e.g. --out results/net.json (default results/network-<backend>-p<nproc>"
                              ".json; one per nproc)")
-    parser.add_argument("--max-bytes", type=positive_int, default=32 * 2**20,
-                        help="largest message timed, in bytes, e.g. --max-bytes 4194304 (default 32 MiB)")
+    parser.add_argument("--max-bytes", type=positive_int, default=None,
+                        help="largest message timed, in bytes, e.g. --max-bytes 4194304 (default 32 MiB; on a "
+                             "--link what crosses it in about a second)")
+    parser.add_argument("--link", default=None,
+                        help="time the collectives over a real link of this rate, a network namespace whose "
+                             "loopback is shaped by tc (root and iproute2 needed), e.g. --link 100mbit")
     parser.add_argument("--csv", default=None, help="write the measurements and predictions here, e.g. --csv cal.csv")
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    sizes = [s for s in DEFAULT_SIZES if s <= args.max_bytes]
-    result = calibrate(tuple(args.nproc), args.backend, sizes)
+    link = ShapedLink.parse(args.link) if args.link is not None else None  # a bad rate fails before any process
+    name = f"calibrated-gloo-{link.label()}" if link is not None else "calibrated-gloo-localhost"
+    result = calibrate(tuple(args.nproc), args.backend, sizes_for(link, args.max_bytes), name=name, link=link)
     for p, network in result.networks.items():
-        path = _out_path(args.out, args.backend, p, many=len(result.networks) > 1)
+        path = _out_path(args.out, args.backend, p, many=len(result.networks) > 1, link=link)
         network.save(path)
         print(f"nproc={p}: {network.to_dict()['op_links']}  -> {path}")
+        if link is not None:
+            print(link_summary(network, link, p))
     with pd.option_context("display.width", 200, "display.float_format", "{:.3g}".format):
         print("held-out median |relative error| per collective and nproc (fit per nproc):")
         print(result.held_out_error(["op", "nproc"]).to_string())
@@ -144,11 +152,25 @@ def run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _out_path(out, backend: str, p: int, many: bool) -> str:
+def link_summary(network, link: ShapedLink, nproc: int) -> str:
+    """The fit beside the configured rate. Every rank's bytes cross the one shaped loopback, so a ring all-reduce
+    of p ranks moves 2(p-1)n bytes through it while the ring formula charges each rank 2(p-1)/p n: the fitted
+    per-rank bandwidth is expected at rate / p. Messages within the token bucket's burst pass at loopback speed
+    (the fit's knee); the sustained bandwidth is the one above the knee."""
+    fit = network.op_links["all_reduce"]
+    sustained = fit.get("bandwidth_above_knee", fit["bandwidth"]) * 8 / 1e6  # Mbit/s
+    knee = f", knee at {fit['knee_bytes'] / 1024:.0f} KiB" if "knee_bytes" in fit else ""
+    expected = link.rate_bits / nproc / 1e6
+    return (f"  link {link.label()}: fitted all-reduce alpha {fit['alpha'] * 1e6:.0f} us{knee}, sustained "
+            f"bandwidth {sustained:.1f} Mbit/s per rank; configured {link.rate_bits / 1e6:g} Mbit/s shared by "
+            f"{nproc} ranks = {expected:.1f} Mbit/s per rank ({sustained / expected:.0%} of it)")
+
+
+def _out_path(out, backend: str, p: int, many: bool, link: ShapedLink | None = None) -> str:
     import os
 
     if out is None:
-        return f"results/network-{backend}-p{p}.json"
+        return f"results/network-{backend}-{link.label() + '-' if link is not None else ''}p{p}.json"
     if not many:
         return out
     stem, ext = os.path.splitext(out)

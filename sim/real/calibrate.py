@@ -35,6 +35,7 @@ import pandas as pd
 
 from ..cost.network import Network
 from .distributed import exit_without_finalizers
+from .link import ShapedLink, enter_namespace, shaped_namespace
 
 OPS = ("all_reduce", "all_gather")
 #: The statistic kept per size: a low quantile of the repeats estimates the uncontended time (what a
@@ -59,10 +60,14 @@ def _call(op: str, x, out) -> None:
         dist.all_gather(out, x)
 
 
-def _worker(rank: int, nproc: int, init_method: str, backend: str, sizes, out_path: str) -> None:
+def _worker(rank: int, nproc: int, init_method: str, backend: str, sizes, out_path: str,
+            namespace: str | None = None) -> None:
     import torch
     import torch.distributed as dist
 
+    if namespace is not None:  # a shaped link: this rank's sockets go through the namespace's loopback
+        enter_namespace(namespace)
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)  # nproc processes share the cores: no intra-op oversubscription
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=nproc)
     # Every (op, size) in a fixed shuffled order, and the repeats in rounds over all of them: each size's
@@ -100,20 +105,38 @@ def _worker(rank: int, nproc: int, init_method: str, backend: str, sizes, out_pa
     exit_without_finalizers()  # results written: no interpreter finalization to abort in
 
 
-def measure(nproc: int, backend: str = "gloo", sizes=DEFAULT_SIZES) -> pd.DataFrame:
-    """Median seconds of all-reduce and all-gather for each size (bytes per process) on ``nproc`` processes."""
-    import torch.multiprocessing as mp
-
+def measure(nproc: int, backend: str = "gloo", sizes=DEFAULT_SIZES, link: str | ShapedLink | None = None
+            ) -> pd.DataFrame:
+    """Seconds of all-reduce and all-gather for each size (bytes per process) on ``nproc`` processes, over this
+    machine's loopback or, with ``link``, over a shaped link of that rate (sim/real/link.py)."""
     if not isinstance(nproc, int) or nproc < 2:
         raise ValueError(f"calibrate: nproc={nproc!r} is invalid; allowed: an integer >= 2")
     if backend != "gloo":
         raise ValueError(f"calibrate: backend={backend!r} is invalid; allowed: 'gloo' (CPU, 127.0.0.1)")
+    if link is None:
+        return _measure(nproc, backend, sizes, None)
+    with shaped_namespace(ShapedLink.parse(link)) as namespace:
+        return _measure(nproc, backend, sizes, namespace)
+
+
+def _measure(nproc: int, backend: str, sizes, namespace: str | None) -> pd.DataFrame:
+    import torch.multiprocessing as mp
+
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
         rendezvous = "file://" + os.path.join(tmp, "rendezvous")  # no TCP port to race for
-        mp.spawn(_worker, args=(nproc, rendezvous, backend, tuple(sizes), out), nprocs=nproc, join=True)
+        mp.spawn(_worker, args=(nproc, rendezvous, backend, tuple(sizes), out, namespace), nprocs=nproc, join=True)
         rows = pd.DataFrame(json.loads(Path(out).read_text()))  # in the shuffled order they were timed
         return rows.sort_values(["op", "bytes"]).reset_index(drop=True)
+
+
+def sizes_for(link: str | ShapedLink | None, max_bytes: int | None = None) -> tuple[int, ...]:
+    """The message sizes to time: ``DEFAULT_SIZES`` up to ``max_bytes``; on a shaped link by default only up to
+    what crosses it in about one second (a 32 MiB all-reduce at 100 Mbit/s takes 5 s per call); the largest
+    sizes must reach well past the bucket's burst, where the rate sets the time (the knee of the fit)."""
+    if max_bytes is None:
+        max_bytes = DEFAULT_SIZES[-1] if link is None else int(ShapedLink.parse(link).rate_bits / 8 * 1.0)
+    return tuple(s for s in DEFAULT_SIZES if s <= max_bytes)
 
 
 def design(op: str, nproc, n_bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -221,10 +244,11 @@ def _network(links: dict[str, Link], name: str) -> Network:
 
 
 def calibrate(nprocs=(2, 3, 4), backend: str = "gloo", sizes=DEFAULT_SIZES, measurements: pd.DataFrame | None = None,
-              name: str = "calibrated-gloo-localhost") -> Calibration:
-    """Measure (unless ``measurements`` are given), fit on even-indexed sizes, evaluate on the odd ones."""
+              name: str = "calibrated-gloo-localhost", link: str | ShapedLink | None = None) -> Calibration:
+    """Measure (unless ``measurements`` are given), fit on even-indexed sizes, evaluate on the odd ones.
+    ``link``: measure over a shaped link of that rate (sim/real/link.py) instead of the bare loopback."""
     if measurements is None:
-        measurements = pd.concat([measure(p, backend, sizes) for p in nprocs], ignore_index=True)
+        measurements = pd.concat([measure(p, backend, sizes, link) for p in nprocs], ignore_index=True)
     data = measurements.reset_index(drop=True).copy()
     order = {size: i for i, size in enumerate(sorted(data.bytes.unique()))}
     data["held_out"] = [order[s] % 2 == 1 for s in data.bytes]

@@ -30,6 +30,7 @@ from .. import checkpoint
 from ..experiment import Experiment, registering_modules
 from ..result import Result
 from ..runner import run
+from .link import ShapedLink, enter_namespace, shaped_namespace
 
 BACKENDS = ("gloo", "nccl")
 
@@ -46,13 +47,27 @@ def free_port() -> int:
 
 
 def spawn(fn: Callable[..., Any], nproc: int, args: tuple = (), *, backend: str = "gloo", timeout: float = 600.0,
-          collective_timeout: float = 60.0, threads: int | None = None) -> list[Any]:
+          collective_timeout: float = 60.0, threads: int | None = None,
+          link: str | ShapedLink | None = None) -> list[Any]:
     """Run ``fn(rank, world, *args)`` in ``nproc`` fresh processes with an initialized process group.
 
     Returns every rank's return value (``None`` for a rank that exited early). ``fn`` must be importable
     (a module-level function). ``timeout`` bounds the whole run; ``collective_timeout`` is the process
     group's own timeout. ``threads``: intra-op threads per process (default: the cores shared out).
+    ``link``: run the ranks inside a private network namespace whose loopback is shaped to this rate
+    (``"100mbit"``, ``"1gbit"``; sim/real/link.py; root and iproute2 needed, gloo only), removed afterwards.
     """
+    if link is None:
+        return _spawn(fn, nproc, args, backend, timeout, collective_timeout, threads, None)
+    link = ShapedLink.parse(link)
+    if backend != "gloo":
+        raise ValueError(f"spawn: link={link.label()!r} is invalid with backend={backend!r}; allowed: backend='gloo' "
+                         "(NCCL does not route through the shaped loopback)")
+    with shaped_namespace(link) as namespace:
+        return _spawn(fn, nproc, args, backend, timeout, collective_timeout, threads, namespace)
+
+
+def _spawn(fn, nproc, args, backend, timeout, collective_timeout, threads, namespace) -> list[Any]:
     import torch.multiprocessing as mp
 
     _check_int("spawn", "nproc", nproc, 1)
@@ -64,7 +79,8 @@ def spawn(fn: Callable[..., Any], nproc: int, args: tuple = (), *, backend: str 
         # taken by another process before rank 0 binds it (a race under parallel test workers).
         rendezvous = "file://" + os.path.join(outdir, "rendezvous")
         context = mp.start_processes(_child, args=(fn, nproc, rendezvous, backend, collective_timeout, threads,
-                                                   outdir, args), nprocs=nproc, join=False, start_method="spawn")
+                                                   outdir, args, namespace), nprocs=nproc, join=False,
+                                     start_method="spawn")
         deadline = time.monotonic() + timeout
         try:
             while not context.join(timeout=max(0.05, min(1.0, deadline - time.monotonic()))):
@@ -85,11 +101,14 @@ def spawn(fn: Callable[..., Any], nproc: int, args: tuple = (), *, backend: str 
         return results
 
 
-def _child(rank, fn, world, init_method, backend, collective_timeout, threads, outdir, args):
+def _child(rank, fn, world, init_method, backend, collective_timeout, threads, outdir, args, namespace=None):
     import faulthandler
 
     import torch.distributed as dist
 
+    if namespace is not None:  # the shaped link: every socket of this rank goes through the namespace's loopback
+        enter_namespace(namespace)
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # the namespace has no other interface
     # A rank killed by a signal (a C++ abort in a backend) prints every thread's Python stack to stderr, so
     # the parent's "terminated with signal" error comes with where that rank was.
     faulthandler.enable(all_threads=True)
@@ -132,7 +151,8 @@ def _terminate(processes) -> None:
 def run_distributed(experiment: Experiment | Sequence[Experiment], *, nproc: int = 2, backend: str = "gloo",
                     workers_per_process: int | None = None, timeout: float = 600.0,
                     collective_timeout: float = 60.0, threads: int | None = None, checkpoint_dir=None,
-                    checkpoint_every: int | None = None, resume_from=None) -> Result | list[Result]:
+                    checkpoint_every: int | None = None, resume_from=None,
+                    link: str | ShapedLink | None = None) -> Result | list[Result]:
     """Run an Experiment (or several, one after the other in the same processes) on ``nproc`` processes.
 
     ``workers_per_process`` defaults to ``experiment.workers // nproc`` and must satisfy
@@ -143,6 +163,10 @@ def run_distributed(experiment: Experiment | Sequence[Experiment], *, nproc: int
     ``resume_from`` must be that directory: the processes agree on the newest step that every one of them
     holds (a crash can land between two processes' writes) and all continue from it, bitwise as if never
     interrupted.
+
+    ``link``: the processes talk over a real link of this rate (``"100mbit"``, ``"1gbit"``): a private network
+    namespace whose loopback is shaped by a token bucket (sim/real/link.py; root and iproute2 needed; gloo).
+    ``result.extras["link"]`` names it. Without it, the processes use this machine's unshaped loopback.
     """
     experiments = [experiment] if isinstance(experiment, Experiment) else list(experiment)
     if not experiments or not all(isinstance(e, Experiment) for e in experiments):
@@ -170,8 +194,13 @@ def run_distributed(experiment: Experiment | Sequence[Experiment], *, nproc: int
     if resume_from is not None:  # refuse unusable checkpoints here, before any process starts
         common_checkpoint_step(resume_from, experiments[0], nproc, ks[0])
 
+    shaped = ShapedLink.parse(link) if link is not None else None  # a bad rate fails here, before any process
+
     results = spawn(run_on_rank, nproc, (experiments, ks, collective_timeout, checkpointing, registering_modules()),
-                    backend=backend, timeout=timeout, collective_timeout=collective_timeout, threads=threads)
+                    backend=backend, timeout=timeout, collective_timeout=collective_timeout, threads=threads,
+                    link=shaped)
+    for result in results[0]:
+        result.extras["link"] = shaped.label() if shaped is not None else None
     return results[0][0] if isinstance(experiment, Experiment) else results[0]
 
 
