@@ -67,7 +67,7 @@ def load_experiment(text: str, overrides: dict | None = None):
     """The Experiment of a .toml/.json config file or of inline JSON, through ``sim.workflow.config``: as ``python -m sim
     run``, the config's base experiment (its ``[sweep]`` table is validated, and used by ``python -m sim sweep``)."""
     if text.endswith((".toml", ".json")) or os.path.exists(text):
-        config = load_config(text, overrides, allow_imports=True)  # a command line: the file's imports run
+        config = load_config(text, overrides)  # the file's imports must be named by --import (already imported)
     else:
         try:
             fields = json.loads(text)
@@ -77,7 +77,7 @@ def load_experiment(text: str, overrides: dict | None = None):
         if not isinstance(fields, dict):
             raise ValueError(f"sim.launch: experiment={text!r} is invalid; allowed: a .toml/.json config or a JSON "
                              "object of Experiment fields")
-        config = from_mapping(apply_overrides(fields, overrides or {}), source="--experiment", allow_imports=True)
+        config = from_mapping(apply_overrides(fields, overrides or {}), source="--experiment")
     return config.experiment  # as `python -m sim run`: the base experiment (a [sweep] table is for `sweep`)
 
 

@@ -21,9 +21,9 @@ value; this module checks the keys and the sweep table). TOML has no null: leave
 A grid's values and the seeds must be distinct (a repeated one would run the same experiment twice).
 
 ``imports = ["my_tasks"]`` (top level) names modules that register your own tasks or compressors. Importing a
-module runs its code, so only the command line (``python -m sim run|sweep``, ``python -m sim.launch``) imports
-them, as running the config is then your explicit choice; ``load_config`` in Python requires them to be imported
-already unless called with ``allow_imports=True``.
+module runs its code, so a file alone never imports anything: the modules must be imported already, on the command
+line with ``--import my_tasks`` (``python -m sim run|sweep``, ``python -m sim.launch``), in Python by importing them
+first. ``load_config(..., allow_imports=True)`` in Python imports them for you (only for files you trust).
 """
 from __future__ import annotations
 
@@ -150,8 +150,9 @@ def import_modules(names: Any, owner: str, field: str, allow: bool = True) -> li
         if name in sys.modules:
             continue
         if not allow:
-            raise invalid(owner, field, name, "modules already imported; import it first, or pass allow_imports=True "
-                          "(importing runs the module's code: only for files you trust)")
+            raise invalid(owner, field, name, f"modules already imported: a file never imports code by itself; on the "
+                          f"command line pass --import {name}, in Python import it first (importing runs the "
+                          "module's code: only modules you trust)")
         try:
             importlib.import_module(name)
         except ImportError as error:
