@@ -25,7 +25,6 @@ import json
 import math
 import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from ..cost.network import Network
-from .distributed import exit_without_finalizers
+from .distributed import exit_without_finalizers, private_directory
 
 OPS = ("all_reduce", "all_gather")
 #: The statistic kept per size: a low quantile of the repeats estimates the uncontended time (what a
@@ -108,7 +107,7 @@ def measure(nproc: int, backend: str = "gloo", sizes=DEFAULT_SIZES) -> pd.DataFr
         raise ValueError(f"calibrate: nproc={nproc!r} is invalid; allowed: an integer >= 2")
     if backend != "gloo":
         raise ValueError(f"calibrate: backend={backend!r} is invalid; allowed: 'gloo' (CPU, 127.0.0.1)")
-    with tempfile.TemporaryDirectory() as tmp:
+    with private_directory("calibrate") as tmp:
         out = os.path.join(tmp, "rows.json")
         rendezvous = "file://" + os.path.join(tmp, "rendezvous")  # no TCP port to race for
         mp.spawn(_worker, args=(nproc, rendezvous, backend, tuple(sizes), out), nprocs=nproc, join=True)
