@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from compressors.serialization import loads_json
 from .. import checkpoint
 from ..real.distributed import run_distributed, run_on_rank
 from ..workflow.config import apply_overrides, from_mapping, import_modules, load_config, parse_assignment
@@ -70,8 +71,8 @@ def load_experiment(text: str, overrides: dict | None = None):
         config = load_config(text, overrides)  # the file's imports must be named by --import (already imported)
     else:
         try:
-            fields = json.loads(text)
-        except json.JSONDecodeError as error:
+            fields = loads_json(text)
+        except ValueError as error:
             raise ValueError(f"sim.launch: experiment={text!r} is invalid; allowed: an existing .toml/.json config or "
                              f"a JSON object of Experiment fields (not JSON: {error})") from None
         if not isinstance(fields, dict):

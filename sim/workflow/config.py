@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from compressors.options import check_known_options, invalid
+from compressors.serialization import loads_json
 from ..experiment import Experiment, NESTED_FIELDS
 
 try:
@@ -77,12 +78,12 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
         if path.suffix == ".toml":
             return tomllib.loads(path.read_text(encoding="utf-8"))
         if path.suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = loads_json(path.read_text(encoding="utf-8"))  # nesting bounded
             if not isinstance(data, dict):
                 raise ValueError("the top level must be an object")
             return data
-    except (json.JSONDecodeError, ValueError) as error:
-        raise ValueError(f"config: cannot parse {path}: {error}") from None
+    except (json.JSONDecodeError, ValueError, RecursionError) as error:  # RecursionError: TOML nested too deep
+        raise ValueError(f"config: cannot parse {path}: {str(error) or type(error).__name__}") from None
     raise invalid("config", "suffix", path.suffix, "'.toml' or '.json'")
 
 
@@ -197,8 +198,8 @@ def parse_value(text: str) -> Any:
     lowered = text.strip().lower()
     if lowered.startswith("["):
         try:
-            return json.loads(text)
-        except json.JSONDecodeError:
+            return loads_json(text)
+        except ValueError:
             raise ValueError(f"command line: {text!r} is invalid; allowed: a JSON list such as [64, 64]") from None
     if lowered in ("true", "false"):
         return lowered == "true"

@@ -30,6 +30,7 @@ from typing import Any
 
 import pandas as pd
 
+from compressors.serialization import loads_json
 from ..experiment import Experiment, NESTED_FIELDS
 from ..tasks import TASK_REGISTRY
 from .io import write_atomically, write_text_atomically
@@ -176,7 +177,7 @@ def read_record(folder: Path) -> dict[str, Any] | None:
     """The run's record, or None when the run is incomplete: no record, unreadable or invalid JSON, or JSON of
     another shape (a missing or mistyped field of ``RECORD_FIELDS``, a run_id that is not the folder's)."""
     try:
-        record = json.loads((folder / RECORD).read_text(encoding="utf-8"))
+        record = loads_json((folder / RECORD).read_text(encoding="utf-8"))  # nesting bounded
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("run_id") != folder.name:
