@@ -17,7 +17,7 @@ from ..experiment import Experiment, registering_modules
 from ..runner import run
 from ..simulation import NonFiniteGradientError, Simulation
 from .config import check_distinct
-from .store import CHECKPOINTS, ResultsStore, label, load_results, run_id, sends_dense
+from .store import CHECKPOINTS, ResultsStore, exclusive, grid_column, label, load_results, run_id, sends_dense
 
 
 SPAWN_HINT = ("sweep: a worker process ended before returning its run. With processes > 1 every worker starts a "
@@ -70,7 +70,7 @@ def sweep(base: Experiment, grid: Mapping[str, Sequence[Any]] | None = None, see
     tables = []
     for (point, seed, _), history in zip(experiments, histories):
         for key, value in point.items():
-            history[key] = [value] * len(history)
+            history[grid_column(key, history.columns)] = [value] * len(history)
         history["seed"] = point.get("seed", seed)  # a grid over "seed" names the seed itself
         history["run"] = (", ".join(f"{k}={v}" for k, v in point.items()) or "base") + (
             " (dense)" if history.attrs.get("dense") else "")  # sends at least the dense bits
@@ -149,9 +149,16 @@ def _one_thread(imports: Sequence[str] = ()) -> None:
 
 
 # -- sweeping into a directory -------------------------------------------------------------------------------
-def sweep_to_dir(base: Experiment, root: str | Path, grid: Mapping[str, Sequence[Any]] | None = None,
-                 seeds: Sequence[int] | None = None, progress: bool | str = True, log=None,
-                 checkpoint_every: int | None = None) -> pd.DataFrame:
+def sweep_to_dir(base: Experiment, root: str | Path, *args, **kwargs) -> pd.DataFrame:
+    """``fill_dir`` holding the results directory's lock: a second sweep on the same directory is refused with a
+    ValueError naming the first one's pid, before it writes anything."""
+    with exclusive(root):
+        return fill_dir(base, root, *args, **kwargs)
+
+
+def fill_dir(base: Experiment, root: str | Path, grid: Mapping[str, Sequence[Any]] | None = None,
+             seeds: Sequence[int] | None = None, progress: bool | str = True, log=None,
+             checkpoint_every: int | None = None) -> pd.DataFrame:
     """Every grid point x seed of ``base``, each stored as it finishes; complete runs are skipped.
 
     ``progress``: True for bars, "lines" for one ``log`` line per finished run, False for neither.
