@@ -137,3 +137,6 @@ def test_deeply_nested_configs_and_records_are_refused_or_skipped(tmp_path):
     run.mkdir()
     (run / "record.json").write_text('{"config": ' + deep + "}")
     assert read_record(run) is None  # an incomplete run, not a RecursionError
+    (tmp_path / "net.json").write_text(deep)
+    with pytest.raises(ValueError, match="network=.* is invalid.*nested deeper than"):
+        sim.Experiment(task="synthetic-lowrank", network=str(tmp_path / "net.json"))
