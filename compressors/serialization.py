@@ -15,8 +15,8 @@ non-string key, an unexpected Python type, nesting deeper than ``MAX_DEPTH``) is
 is wrong and where (``$.state.aggregator.compressed`` style paths from the top of the file).
 
 Every tensor read from a file is checked before anything reads its elements (``check_tensor``): a plain
-``torch.Tensor`` (not an ``nn.Parameter`` or another subclass), dense and strided on the CPU (not sparse, meta,
-quantized, conjugated or negated), not requiring gradients, and stored once: its strides a permutation of the
+``torch.Tensor`` (not an ``nn.Parameter`` or another subclass), dense and strided on a real device (not sparse,
+meta, quantized, conjugated or negated; checkpoints are read onto the CPU), not requiring gradients, and stored once: its strides a permutation of the
 contiguous ones (no expanded, stride-0 or overlapping views) within a storage that holds every element. A file
 therefore never makes the loader allocate more than the file itself holds.
 
@@ -184,14 +184,15 @@ def _decode_record(value: dict, path: str, depth: int) -> Any:
 
 
 def check_tensor(t: torch.Tensor, path: str = "$") -> None:
-    """ValueError unless ``t`` is a plain CPU tensor that stores each of its elements exactly once: checked on
-    its metadata only, so an expanded view of terabytes or a meta tensor is refused before any element is read."""
+    """ValueError unless ``t`` is a plain tensor on a real device that stores each of its elements exactly once:
+    checked on its metadata only, so an expanded view of terabytes or a meta tensor is refused before any
+    element is read."""
     problem = ""
     if type(t) is not torch.Tensor:
         problem = f"a {type(t).__name__}"
     elif t.layout != torch.strided:
         problem = f"a {t.layout} tensor"
-    elif t.device.type != "cpu":
+    elif t.device.type == "meta":  # shapes without data (a real device is fine: a GPU run's hook state)
         problem = f"a tensor on device {t.device.type!r}"
     elif t.is_quantized or t.is_conj() or t.is_neg():
         problem = "a quantized, conjugated or negated tensor"
@@ -201,8 +202,8 @@ def check_tensor(t: torch.Tensor, path: str = "$") -> None:
         problem = f"a tensor of shape {tuple(t.shape)} with strides {t.stride()} (expanded or overlapping) or " \
                   "a storage too small for it"
     if problem:
-        raise ValueError(f"state at {path}: {problem} is invalid; allowed: a plain dense CPU tensor (each element "
-                         "stored once, requires_grad=False)")
+        raise ValueError(f"state at {path}: {problem} is invalid; allowed: a plain dense tensor (each element "
+                         "stored once, requires_grad=False, not meta)")
 
 
 def _stored_once(t: torch.Tensor) -> bool:

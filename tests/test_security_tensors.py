@@ -236,3 +236,25 @@ def _replace_record(tree, name, **changes):
     if isinstance(tree, dict):
         return {k: _replace_record(v, name, **changes) for k, v in tree.items()}
     return tree
+
+
+def test_the_package_api_state_is_checked_against_its_own_structure():
+    params = [torch.nn.Parameter(torch.zeros(4, 3))]
+    powersgd = compressors.PowerSGD(params, config=compressors.Config(rank=1, start_compressing_after_num_steps=0))
+    buffer = io.BytesIO()
+    torch.save(powersgd.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    powersgd.load_state_dict(saved)  # the round trip loads
+
+    def memory(s):
+        return s["state"]["fields"]["compressed"]["fields"]["memory"]
+    before = powersgd.state
+    wrong = {"state": saved["state"]}
+    memory(wrong)["0"] = torch.zeros(1, 40, 30)
+    with pytest.raises(ValueError, match=r"shape \(1, 4, 3\)"):
+        powersgd.load_state_dict(wrong)
+    memory(wrong)["0"] = torch.full((1, 4, 3), float("nan"))
+    with pytest.raises(ValueError, match="NaN"):
+        powersgd.load_state_dict(wrong)
+    assert powersgd.state is before  # nothing changed
