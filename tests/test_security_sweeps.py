@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import textwrap
 
-import pytest
-
 import sim
 from sim.cli.main import main
 from sim.workflow.store import exclusive, load_results

@@ -17,7 +17,7 @@ import compressors
 import sim
 from compressors.serialization import check_tensor, check_values, digest, from_plain, to_plain
 from sim import checkpoint
-from sim.checkpoint_schema import KEYS, body_of
+from sim.checkpoint_schema import body_of
 
 TINY = {"dim_in": 12, "dim_out": 10, "samples": 64, "test_samples": 8}
 EXPERIMENT = sim.Experiment(task="synthetic-lowrank", task_options=TINY, workers=2, steps=6, batch_size=4,
