@@ -14,14 +14,23 @@ looked up as an attribute or called. Anything else in the data (an unknown name,
 non-string key, an unexpected Python type, nesting deeper than ``MAX_DEPTH``) is a ``ValueError`` naming what
 is wrong and where (``$.state.aggregator.compressed`` style paths from the top of the file).
 
+Every tensor read from a file is checked before anything reads its elements (``check_tensor``): a plain
+``torch.Tensor`` (not an ``nn.Parameter`` or another subclass), dense and strided on a real device (not sparse,
+meta, quantized, conjugated or negated; checkpoints are read onto the CPU), not requiring gradients, and stored once: its strides a permutation of the
+contiguous ones (no expanded, stride-0 or overlapping views) within a storage that holds every element. A file
+therefore never makes the loader allocate more than the file itself holds.
+
 ``check_same_structure(loaded, fresh)`` compares a loaded state with a freshly initialised one of the same
 configuration (record types, keys, lengths, tensor shapes, dtypes and layouts), so a file cannot smuggle in a
-state the code would later trip over.
+state the code would later trip over. ``check_values(loaded, fresh, max_step)`` then checks the numbers: every
+float finite (tensors too: error-feedback memory, factors, moments), counters (``step``, ``decisions``) in
+``[0, max_step]``, ranks at least 1, seeds within 64 bits, every other integer in ``[0, 2**63)``.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import struct
 from collections.abc import Callable
@@ -36,6 +45,8 @@ MAX_DEPTH = 32  # nesting levels accepted in a file; real states nest about 8 de
 _RECORDS: dict[str, type] = {}  # registered name -> type
 _NAMES: dict[type, str] = {}  # type -> registered name
 _SCALARS = (type(None), bool, int, float, str)
+COUNTER_FIELDS = ("step", "decisions")  # per-step counters of records: at most the run's steps
+MAX_RANK = 2**31 - 1
 
 T = TypeVar("T", bound=type)
 
@@ -127,9 +138,8 @@ def _decode(value: Any, path: str, depth: int) -> Any:
         raise ValueError(f"state at {path}: nested deeper than {MAX_DEPTH} levels; allowed: at most {MAX_DEPTH}")
     if type(value) in _SCALARS:
         return value
-    if type(value) is torch.Tensor or type(value) is torch.nn.Parameter:
-        if value.layout != torch.strided:
-            raise ValueError(f"state at {path}: a {value.layout} tensor is invalid; allowed: dense tensors")
+    if isinstance(value, torch.Tensor):
+        check_tensor(value, path)
         return value
     if type(value) in (list, tuple):
         return type(value)(_decode(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value))
@@ -173,6 +183,103 @@ def _decode_record(value: dict, path: str, depth: int) -> Any:
     return kind(**{f: _decode(fields[f], f"{path}.{f}", depth + 1) for f in expected})
 
 
+def check_tensor(t: torch.Tensor, path: str = "$") -> None:
+    """ValueError unless ``t`` is a plain tensor on a real device that stores each of its elements exactly once:
+    checked on its metadata only, so an expanded view of terabytes or a meta tensor is refused before any
+    element is read."""
+    problem = ""
+    if type(t) is not torch.Tensor:
+        problem = f"a {type(t).__name__}"
+    elif t.layout != torch.strided:
+        problem = f"a {t.layout} tensor"
+    elif t.device.type == "meta":  # shapes without data (a real device is fine: a GPU run's hook state)
+        problem = f"a tensor on device {t.device.type!r}"
+    elif t.is_quantized or t.is_conj() or t.is_neg():
+        problem = "a quantized, conjugated or negated tensor"
+    elif t.requires_grad:
+        problem = "a tensor requiring gradients"
+    elif not _stored_once(t):
+        problem = f"a tensor of shape {tuple(t.shape)} with strides {t.stride()} (expanded or overlapping) or " \
+                  "a storage too small for it"
+    if problem:
+        raise ValueError(f"state at {path}: {problem} is invalid; allowed: a plain dense tensor (each element "
+                         "stored once, requires_grad=False, not meta)")
+
+
+def _stored_once(t: torch.Tensor) -> bool:
+    """Strides a permutation of the contiguous ones (dims of size 1 aside), inside the storage."""
+    if t.numel() == 0:
+        return t.storage_offset() >= 0
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    end = (t.storage_offset() + t.numel()) * t.element_size()
+    return t.storage_offset() >= 0 and end <= t.untyped_storage().nbytes()
+
+
+def check_values(loaded: Any, fresh: Any, max_step: int, path: str = "$") -> None:
+    """ValueError naming the first number out of range in ``loaded`` (already shaped like ``fresh``, see
+    ``check_same_structure``): non-finite floats and float tensors, counters outside ``[0, max_step]``, ranks
+    below 1, seeds beyond 64 bits, other integers outside ``[0, 2**63)``."""
+    _check_values(loaded, fresh, max_step, path, "")
+
+
+def _check_values(loaded: Any, fresh: Any, max_step: int, path: str, field: str) -> None:
+    if is_record(fresh):
+        for f in _fields(type(fresh)):
+            _check_values(getattr(loaded, f), getattr(fresh, f), max_step, f"{path}.{f}", f)
+    elif isinstance(fresh, dict):
+        for k in fresh:
+            _check_values(loaded[k], fresh[k], max_step, f"{path}.{k}", field if field == "ranks" else k)
+    elif isinstance(fresh, (list, tuple)):
+        for i, (a, b) in enumerate(zip(loaded, fresh)):
+            _check_values(a, b, max_step, f"{path}[{i}]", field)
+    elif isinstance(loaded, torch.Tensor):
+        if loaded.is_floating_point() or loaded.is_complex():
+            if not bool(torch.isfinite(loaded).all()):
+                raise ValueError(f"state at {path}: holds NaN/Inf; allowed: finite values")
+    elif type(loaded) is float:
+        if not math.isfinite(loaded):
+            raise ValueError(f"state at {path}: {loaded!r} is invalid; allowed: a finite number")
+    elif type(loaded) is int:
+        if field in ("rank", "ranks"):
+            low, high, what = 1, MAX_RANK, "a rank"
+        elif field in COUNTER_FIELDS:
+            low, high, what = 0, max_step, "a step count within the run"
+        elif field == "seed":
+            low, high, what = 0, 2**64 - 1, "a seed within 64 bits"
+        else:
+            low, high, what = 0, 2**63 - 1, "an integer within 63 bits"
+        if not low <= loaded <= high:
+            raise ValueError(f"state at {path}: {loaded} is invalid; allowed: {what}, in [{low}, {high}]")
+
+
+def loads_json(text: str | bytes, max_depth: int = MAX_DEPTH) -> Any:
+    """``json.loads`` of untrusted text whose arrays and objects nest at most ``max_depth`` deep (ValueError
+    otherwise, before parsing: Python's parser would recurse into a RecursionError on deep nesting)."""
+    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
+    depth, in_string, escaped = 0, False, False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > max_depth:
+                raise ValueError(f"JSON nested deeper than {max_depth} levels; allowed: at most {max_depth}")
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return json.loads(data)
+
+
 # -- integrity -----------------------------------------------------------------------------------------------
 def digest(plain: Any) -> str:
     """SHA-256 (hex) of a plain structure: every container's kind, length and keys in order, every scalar
@@ -209,10 +316,9 @@ def _feed(h, value: Any, path: str, depth: int) -> None:
         for k, v in value.items():
             _feed(h, k, path, depth + 1)
             _feed(h, v, f"{path}.{k}", depth + 1)
-    elif kind is torch.Tensor or kind is torch.nn.Parameter:
-        if value.layout != torch.strided:
-            raise ValueError(f"state at {path}: a {value.layout} tensor is invalid; allowed: dense tensors")
-        t = value.detach().cpu().resolve_conj().resolve_neg().contiguous()
+    elif isinstance(value, torch.Tensor):
+        check_tensor(value, path)
+        t = value.contiguous()
         h.update(f"X{t.dtype};{tuple(t.shape)};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())
     else:

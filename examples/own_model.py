@@ -2,7 +2,7 @@
 
     python examples/own_model.py                 # the whole walk-through (about a minute on one CPU core)
     python examples/own_model.py --quick         # tiny sizes (a few seconds)
-    python -m sim run examples/own_model.toml    # the same task from the command line (the config imports this file)
+    python -m sim run examples/own_model.toml --import examples.own_model   # the same task from the command line
     python -m sim list tasks --import examples.own_model
 
 Importing this module registers two tasks: "marked-token" (sequence classification with attention: accuracy)

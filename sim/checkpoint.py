@@ -24,20 +24,23 @@ refuses any other configuration afterwards, before any work.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
+import stat
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from compressors.comm import Ledger, LedgerRecord
 from compressors.options import check_int
-from compressors.serialization import digest, to_plain
+from compressors.serialization import digest, loads_json, to_plain
 from .checkpoint_schema import (Checkpoint, FORMAT_VERSION, body_of, check_state, checked_rows, experiment_differences,
     validate)
 from .experiment import Experiment
@@ -46,8 +49,11 @@ from .simulation import Simulation
 KEEP = 2  # checkpoints kept per directory (the newest); older ones are removed after a successful write
 MANIFEST = "experiment.json"  # the configuration a checkpoint directory belongs to
 MAX_MANIFEST_BYTES = 1 << 20
-_NAME = re.compile(r"^checkpoint-(\d{9})(-w\d+-\d+)?\.pt$")
-_TEMPORARY = re.compile(r"^\.checkpoint-\d{9}(-w\d+-\d+)?\.pt\.\d+\.tmp$")  # what ``save`` writes first
+_NAME = re.compile(r"^checkpoint-([0-9]{9})(-w[0-9]+-[0-9]+)?\.pt$", re.ASCII)
+_TEMPORARY = re.compile(r"^\.checkpoint-[0-9]{9}(-w[0-9]+-[0-9]+)?\.pt\.[0-9]+\.tmp$", re.ASCII)  # ``save``'s first
+#: How new files are created: never over an existing file or through a planted symbolic link.
+CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+OPEN = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)  # a FIFO must not block a read
 
 
 def _workers_part(local_workers: range | None, workers: int) -> str:
@@ -89,14 +95,15 @@ def claim(directory, experiment: Experiment) -> Path:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe = directory / f".write-probe.{os.getpid()}.tmp"
-        probe.write_bytes(b"")
+        probe.unlink(missing_ok=True)
+        os.close(os.open(probe, CREATE, 0o644))
         probe.unlink()
     except OSError as error:
         raise ValueError(f"run: checkpoint_dir={str(directory)!r} is invalid; allowed: a writable directory "
                          f"({type(error).__name__}: {error})") from error
     manifest = directory / MANIFEST
     if not manifest.exists():
-        strays = [p.name for p in directory.iterdir() if _NAME.match(p.name)]
+        strays = [p.name for p in directory.iterdir() if _NAME.match(p.name) and _is_regular(p)]
         if strays:
             raise ValueError(f"run: checkpoint_dir={str(directory)!r} is invalid; allowed: an empty directory or one "
                              f"this configuration wrote (it holds {strays[:3]} but no {MANIFEST})")
@@ -112,8 +119,10 @@ def claim(directory, experiment: Experiment) -> Path:
 def _create_exclusively(path: Path, data: bytes) -> None:
     """Write ``path`` complete or not at all, and never over an existing one (processes may race here)."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)  # a leftover of a killed write by this pid, or a planted link: never followed
     try:
-        temporary.write_bytes(data)
+        with os.fdopen(os.open(temporary, CREATE, 0o644), "wb") as f:
+            f.write(data)
         try:
             os.link(temporary, path)  # fails if another process created it first: theirs is then compared
         except FileExistsError:
@@ -127,9 +136,9 @@ def _create_exclusively(path: Path, data: bytes) -> None:
 
 def _read_manifest(manifest: Path) -> dict[str, Any]:
     try:
-        with open(manifest, "rb") as f:
+        with open_regular(manifest) as f:
             text = f.read(MAX_MANIFEST_BYTES + 1)
-        saved = json.loads(text) if len(text) <= MAX_MANIFEST_BYTES else None
+        saved = loads_json(text) if len(text) <= MAX_MANIFEST_BYTES else None
     except (OSError, ValueError) as error:
         raise ValueError(f"checkpoint directory manifest {str(manifest)!r} is unreadable: {error}; allowed: "
                          "the JSON object sim wrote (remove the directory's checkpoints to start afresh)") from error
@@ -164,8 +173,9 @@ def save(directory, experiment: Experiment, state, rows: list[dict[str, float]],
     final = directory / file_name(state.step, local, workers)
     temporary = directory / f".{final.name}.{os.getpid()}.tmp"
     _remove_stale_temporaries(directory, _workers_part(local, workers), started)
+    temporary.unlink(missing_ok=True)  # ours from a killed write, or planted: the new file never follows a link
     try:
-        with open(temporary, "wb") as f:
+        with os.fdopen(os.open(temporary, CREATE, 0o644), "wb") as f:
             _write(payload, f)
             f.flush()
             os.fsync(f.fileno())
@@ -174,7 +184,7 @@ def save(directory, experiment: Experiment, state, rows: list[dict[str, float]],
         temporary.unlink(missing_ok=True)
         raise
     _fsync_directory(directory)
-    _prune(directory, local, workers, keep)
+    _prune(directory, local, workers, keep, state.step)
     return final
 
 
@@ -209,9 +219,11 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _prune(directory: Path, local: range, workers: int, keep: int) -> None:
-    mine = _checkpoints(directory, local, workers)
-    for _, path in mine[:-keep] if keep > 0 else []:
+def _prune(directory: Path, local: range, workers: int, keep: int, written: int) -> None:
+    """Keep the one just written (step ``written``) and the newest ``keep - 1`` before it; files of later steps
+    are never touched (a junk file named like a far-future checkpoint cannot make the newest valid one go)."""
+    older = [path for step, path in _checkpoints(directory, local, workers) if step < written]
+    for path in older[:max(0, len(older) - max(keep - 1, 0))] if keep > 0 else []:
         path.unlink(missing_ok=True)
 
 
@@ -231,30 +243,60 @@ def restore_ledger(ledger: Ledger, saved: dict[str, Any]) -> None:
 
 
 # -- reading -----------------------------------------------------------------------------------------------
-def _checkpoints(directory: Path, local: range, workers: int) -> list[tuple[int, Path]]:
-    """This process's complete checkpoints in ``directory``, oldest first (temporary files never match)."""
+def _checkpoints(directory: Path, local: range, workers: int, steps: int | None = None) -> list[tuple[int, Path]]:
+    """This process's complete checkpoints in ``directory``, oldest first: regular files (not links, FIFOs or
+    folders) named with ASCII digits, of a step in [0, ``steps``] when given (temporary files never match)."""
     part = _workers_part(local, workers)
     found = []
     for path in directory.iterdir():
         match = _NAME.match(path.name)
-        if match and (match.group(2) or "") == part:
-            found.append((int(match.group(1)), path))
+        if match and (match.group(2) or "") == part and _is_regular(path):
+            step = int(match.group(1))
+            if steps is None or step <= steps:
+                found.append((step, path))
     return sorted(found)
 
 
-def checkpoints(directory, local_workers: range, workers: int) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint of these local workers in ``directory``, oldest first."""
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def open_regular(path) -> Iterator[BinaryIO]:
+    """``path`` opened for reading if it is a regular file (not a link, FIFO or device: never blocks), else
+    OSError."""
+    fd = os.open(path, OPEN)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{str(path)!r} is not a regular file")
+        os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        yield f
+
+
+def checkpoints(directory, local_workers: range, workers: int, steps: int | None = None) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint of these local workers in ``directory``, oldest first
+    (``steps``: only those of steps in [0, steps], the run's length)."""
     directory = Path(directory)
-    return _checkpoints(directory, local_workers, workers) if directory.is_dir() else []
+    return _checkpoints(directory, local_workers, workers, steps) if directory.is_dir() else []
 
 
-def latest(directory, local_workers: range | None = None, workers: int | None = None) -> Path | None:
-    """The newest checkpoint file in ``directory`` (for these local workers), or None if there is none."""
+def latest(directory, local_workers: range | None = None, workers: int | None = None,
+           steps: int | None = None) -> Path | None:
+    """The newest checkpoint file in ``directory`` (for these local workers; ``steps``: of a step in [0, steps]),
+    or None if there is none. Not checked: ``load(directory, ...)`` takes the newest valid one."""
     directory = Path(directory)
     if not directory.is_dir():
         return None
     local = local_workers if local_workers is not None else range(workers or 0)
-    found = _checkpoints(directory, local, workers if workers is not None else len(local))
+    found = _checkpoints(directory, local, workers if workers is not None else len(local), steps)
     return found[-1][1] if found else None
 
 
@@ -263,8 +305,9 @@ def read(path, experiment: Experiment, local_workers: range | None = None) -> Ch
     local = local_workers if local_workers is not None else range(experiment.workers)
     where = f"checkpoint {str(path)!r}"
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, not a torch file, or holding non-plain objects
+        with open_regular(path) as f:
+            payload = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, not a torch file, holding non-plain objects, or not a regular file
         raise ValueError(f"{where} is unreadable: {type(error).__name__}: {_first_line(error)}") from None
     return validate(payload, experiment, local, where)
 
@@ -297,13 +340,15 @@ def _scan(directory: Path, experiment: Experiment, local_workers: range | None, 
             raise ValueError(f"run: resume_from={str(directory)!r} is invalid; allowed: a directory of this "
                              f"configuration (it belongs to another one; {differing})")
     valid, skipped = [], []
-    for step, path in reversed(checkpoints(directory, local, experiment.workers)):
+    for step, path in reversed(checkpoints(directory, local, experiment.workers, experiment.steps)):
         try:
             found = read(path, experiment, local)
             if reference is not None:
                 check_state(found.state, reference, experiment, f"checkpoint {str(path)!r}")
-        except ValueError as error:
-            skipped.append(str(error))
+        except Exception as error:  # anything wrong with this file: the next older one may be fine
+            text = str(error) if isinstance(error, ValueError) else \
+                f"checkpoint {str(path)!r}: {type(error).__name__}: {_first_line(error)}"
+            skipped.append(text)
             continue
         valid.append((step, path, found))
     return valid, skipped

@@ -12,8 +12,11 @@ turns the ``torch.load(weights_only=True)`` payload into a ``Checkpoint`` only i
 - its history rows are the steps this experiment logs up to that step (all of them, or the last ones
   for a run continued from a given state), with numeric values;
 - its ledger totals are non-negative integers (and agree with its records, when it has them);
+- every tensor in it is a plain dense CPU tensor, each element stored once (``check_tensor``: checked on its
+  metadata, before the checksum reads its bytes, so an expanded or meta tensor is refused without allocating);
 - its state has the structure of a fresh ``initial_state()`` of this experiment (``check_state``): the same
-  record types, keys, tensor shapes and dtypes; counters in range; parameters and momentum finite.
+  record types, keys, tensor shapes and dtypes; counters in range (steps within the run, ranks >= 1, seeds
+  within 64 bits); every float finite (parameters, momentum, error-feedback memory, factors).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from compressors.comm import LedgerRecord
-from compressors.serialization import check_same_structure, digest, from_plain
+from compressors.serialization import check_same_structure, check_values, digest, from_plain
 from compressors.state_tree import float_leaves
 from .experiment import Experiment
 from .simulation import TrainState
@@ -170,6 +173,7 @@ def check_state(state, fresh, experiment: Experiment, where: str) -> None:
         for name, t in [*(("params." + n, t) for n, t in state.params.items()), *optimizer.items()]:
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"state.{name} holds NaN/Inf; allowed: finite values")
+        check_values(state, fresh, state.step, "$.state")  # the rest: compressor state, buffers, counters
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
 

@@ -84,16 +84,20 @@ def test_import_makes_a_users_tasks_visible(capsys, tmp_path, monkeypatch):
     assert "module name" in one_line_error(capsys)
 
 
-def test_a_configs_imports_run_from_the_command_line_only(tmp_path, monkeypatch, capsys):
+def test_a_configs_imports_run_only_when_the_command_line_names_them(tmp_path, monkeypatch, capsys):
     (tmp_path / "cli_user_tasks_b.py").write_text(
         "import sim\nsim.tasks.register_task('cli-config-task', sim.tasks.TASK_REGISTRY['synthetic-lowrank'])\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     text = 'imports = ["cli_user_tasks_b"]\n' + TINY.replace('"synthetic-lowrank"', '"cli-config-task"')
     path = config_file(tmp_path, text)
-    with pytest.raises(ValueError, match="allow_imports"):  # reading a file from Python runs no code
+    with pytest.raises(ValueError, match="import it first"):  # reading a file from Python runs no code
         load_config(path)
     assert "cli_user_tasks_b" not in sys.modules
-    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 2  # the file alone: no
+    assert "--import cli_user_tasks_b" in one_line_error(capsys)
+    assert "cli_user_tasks_b" not in sys.modules
+    assert main(["run", str(path), "--import", "cli_user_tasks_b", "--out", str(tmp_path / "out"),
+                 "--no-progress"]) == 0
     table = sim.load_results(tmp_path / "out")
     assert len(table) == 3 and "cli_user_tasks_b" in sys.modules
     assert load_config(path).experiment.task == "cli-config-task"  # imported now: fine

@@ -1,5 +1,5 @@
 """The examples/ folder runs as a user would run it: the script at tiny sizes, and its config from the command
-line (the config's `imports` registers the script's tasks)."""
+line (`--import` registers the script's tasks that the config's `imports` names)."""
 from __future__ import annotations
 
 import os
@@ -31,7 +31,7 @@ def test_own_model_config_runs_from_the_command_line(tmp_path, monkeypatch, caps
     from sim.cli.main import main
 
     monkeypatch.chdir(ROOT)  # module names resolve from the current directory, as for a user
-    assert main(["run", "examples/own_model.toml", "--out", str(tmp_path / "out"), "--no-progress",
+    assert main(["run", "examples/own_model.toml", "--import", "examples.own_model", "--out", str(tmp_path / "out"), "--no-progress",
                  "--set", "steps=4", "--set", "task_options.samples=64", "--set", "eval_every=0"]) == 0
     table = sim.load_results(tmp_path / "out")
     assert len(table) == 4 and table.test_accuracy.notna().iloc[-1]

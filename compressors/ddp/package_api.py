@@ -44,7 +44,7 @@ from ..comm import DistributedCollective, VirtualCollective
 from ..options import MAX_SEED, check_choice, check_float, check_int
 from ..orthogonalize import ORTHOGONALIZATIONS
 from ..policies import compose
-from ..serialization import from_plain, to_plain
+from ..serialization import check_same_structure, check_values, from_plain, to_plain
 from .package_kernel import PackagePowerSGDKernel
 
 _ORTH_ALIASES = {"gram-schmidt": "gram_schmidt"}  # the hyphenated spelling is accepted too
@@ -113,7 +113,15 @@ class PowerSGD:
         return {"state": to_plain(self.state)}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
-        self.state = from_plain(saved["state"])
+        """Restore ``state_dict()``'s output (untrusted: records only from registered types, every tensor checked
+        before use, the structure that of this object's state, every number in range); ValueError otherwise,
+        changing nothing."""
+        if type(saved) is not dict or set(saved) != {"state"}:
+            raise ValueError("PowerSGD.load_state_dict: saved is invalid; allowed: the dict state_dict() returns")
+        state = from_plain(saved["state"], "$.state")
+        check_same_structure(state, self.state, "$.state")
+        check_values(state, self.state, 2**63 - 1, "$.state")
+        self.state = state
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, aggregator: PowerSGD) -> None:

@@ -5,18 +5,25 @@ checksum of everything else (``compressors.serialization.digest``). Loading rebu
 registered types (``compressors.serialization``), verifies the checksum, and checks every bucket's state
 against a fresh state of the aggregator for that bucket's shapes: a crafted or corrupt file is a ValueError
 naming the first problem, and never runs anything.
+
+Nothing is allocated for what a file merely declares: every tensor is checked on its metadata before its bytes
+are read (``check_tensor``), a bucket declares at most ``MAX_BUCKET_ELEMENTS`` elements, and the fresh state
+it is compared with is built on the ``meta`` device (shapes without storage). Numbers are range-checked
+(``check_values``): seed within 64 bits, counters within the hook's calls, ranks >= 1, every float finite.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from ..base import Aggregator
-from ..serialization import check_same_structure, digest, from_plain, to_plain
+from ..serialization import check_same_structure, check_values, digest, from_plain, to_plain
 
 FORMAT_VERSION = 3  # 3: adds ``steps`` (optimizer steps committed, for warm-up counting after a resume)
 _HOOK_KEYS = ("format_version", "seed", "calls", "steps", "buckets", "checksum")
+MAX_BUCKET_ELEMENTS = 2**31  # elements one bucket may declare (8 GiB of float32; DDP's default cap is 25 MB)
 
 
 def hook_state_dict(state) -> dict[str, Any]:
@@ -48,21 +55,21 @@ def checked_hook_state(saved: Any, aggregator: Aggregator, named: bool) -> tuple
     if not intact:
         raise _hook_error("checksum mismatch: the state was altered or corrupted after it was saved")
     seed, calls, steps, buckets = body["seed"], body["calls"], body["steps"], body["buckets"]
-    for field, value in (("seed", seed), ("calls", calls), ("steps", steps)):
-        if type(value) is not int or value < 0:
-            raise _hook_error(f"{field}={value!r} is invalid; allowed: an integer >= 0")
+    for field, value, high in (("seed", seed, 2**64 - 1), ("calls", calls, 2**63 - 1), ("steps", steps, 2**63 - 1)):
+        if type(value) is not int or not 0 <= value <= high:
+            raise _hook_error(f"{field}={value!r} is invalid; allowed: an integer in [0, {high}]")
     if type(buckets) is not list:
         raise _hook_error(f"buckets is a {type(buckets).__name__}; allowed: a list")
     out: dict[Any, dict] = {}
     for i, bucket in enumerate(buckets):
-        key, entry = _checked_bucket(bucket, f"buckets[{i}]", aggregator, seed, named)
+        key, entry = _checked_bucket(bucket, f"buckets[{i}]", aggregator, seed, named, calls)
         if key in out:
             raise _hook_error(f"buckets[{i}].key={bucket['key']!r} is invalid; allowed: a key not used before")
         out[key] = entry
     return seed, calls, steps, out
 
 
-def _checked_bucket(bucket: Any, where: str, aggregator: Aggregator, seed: int, named: bool):
+def _checked_bucket(bucket: Any, where: str, aggregator: Aggregator, seed: int, named: bool, calls: int):
     if type(bucket) is not dict or set(bucket) != {"key", "shapes", "state"}:
         raise _hook_error(f"{where} is invalid; allowed: a dict with exactly the keys key, shapes, state")
     key, shapes = bucket["key"], bucket["shapes"]
@@ -79,11 +86,16 @@ def _checked_bucket(bucket: Any, where: str, aggregator: Aggregator, seed: int, 
     names = list(key) if named else [str(j) for j in range(len(shapes))]
     if len(names) != len(shapes):
         raise _hook_error(f"{where}: {len(shapes)} shapes for {len(names)} parameter names; allowed: one each")
+    declared = sum(math.prod(s) for s in shapes)
+    if declared > MAX_BUCKET_ELEMENTS:
+        raise _hook_error(f"{where}.shapes declare {declared} elements; allowed: at most {MAX_BUCKET_ELEMENTS}")
     try:
-        state = from_plain(bucket["state"], f"{where}.state")
+        state = from_plain(bucket["state"], f"{where}.state")  # every tensor checked before it is read
         like = next((t for t in _tensors(state) if t.is_floating_point()), torch.empty(0))
-        fresh = aggregator.init({n: tuple(s) for n, s in zip(names, shapes)}, workers=1, seed=seed, dtype=like.dtype)
+        fresh = aggregator.init({n: tuple(s) for n, s in zip(names, shapes)}, workers=1, seed=seed, dtype=like.dtype,
+                                device="meta")  # shapes only: nothing allocated for the declared sizes
         check_same_structure(state, fresh, f"{where}.state")
+        check_values(state, fresh, calls, f"{where}.state")
     except ValueError as error:
         raise _hook_error(str(error)) from None
     return (tuple(key) if named else key), {"shapes": tuple(tuple(s) for s in shapes), "params": None, "state": state}

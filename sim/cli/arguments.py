@@ -12,6 +12,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from ..simulation import NonFiniteGradientError
+
 INTERRUPTED = "interrupted; run the same command again to resume"
 
 
@@ -60,7 +62,8 @@ def add_import_option(parser: argparse.ArgumentParser) -> None:
 
 def run_command(command: Callable[[], int], prog: str) -> int:
     """Run a command: a ValueError (bad input) is one line and status 2; Ctrl-C one line and status 130; an
-    OSError (a file that cannot be read or written) one line and status 1."""
+    OSError (a file that cannot be read or written) or a diverged run (a NaN/Inf gradient under
+    ``nonfinite="raise"``) one line and status 1."""
     try:
         return command()
     except KeyboardInterrupt:
@@ -74,4 +77,7 @@ def run_command(command: Callable[[], int], prog: str) -> int:
         return 0
     except OSError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
+        return 1
+    except NonFiniteGradientError as error:
+        print(f"{prog}: error: the run diverged: {' '.join(str(error).split())}", file=sys.stderr)
         return 1

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from compressors.serialization import loads_json
 from .. import checkpoint
 from ..real.distributed import run_distributed, run_on_rank
 from ..workflow.config import apply_overrides, from_mapping, import_modules, load_config, parse_assignment
@@ -70,17 +71,17 @@ def load_experiment(text: str, overrides: dict | None = None):
     """The Experiment of a .toml/.json config file or of inline JSON, through ``sim.workflow.config``: as ``python -m sim
     run``, the config's base experiment (its ``[sweep]`` table is validated, and used by ``python -m sim sweep``)."""
     if text.endswith((".toml", ".json")) or os.path.exists(text):
-        config = load_config(text, overrides, allow_imports=True)  # a command line: the file's imports run
+        config = load_config(text, overrides)  # the file's imports must be named by --import (already imported)
     else:
         try:
-            fields = json.loads(text)
-        except json.JSONDecodeError as error:
+            fields = loads_json(text)
+        except ValueError as error:
             raise ValueError(f"sim.launch: experiment={text!r} is invalid; allowed: an existing .toml/.json config or "
                              f"a JSON object of Experiment fields (not JSON: {error})") from None
         if not isinstance(fields, dict):
             raise ValueError(f"sim.launch: experiment={text!r} is invalid; allowed: a .toml/.json config or a JSON "
                              "object of Experiment fields")
-        config = from_mapping(apply_overrides(fields, overrides or {}), source="--experiment", allow_imports=True)
+        config = from_mapping(apply_overrides(fields, overrides or {}), source="--experiment")
     return config.experiment  # as `python -m sim run`: the base experiment (a [sweep] table is for `sweep`)
 
 

@@ -61,7 +61,7 @@ def progress_mode(args: argparse.Namespace) -> bool | str:
 
 def _prepare(args: argparse.Namespace):
     overrides = dict(parse_assignment(text, many=False) for text in args.set)
-    config = load_config(args.config, overrides, allow_imports=True)  # the command line runs the file's imports
+    config = load_config(args.config, overrides)  # the file's imports must be named by --import (already imported)
     base = config.experiment
     out = Path(args.out) if args.out else Path("results") / Path(args.config).stem
     return config, base, out

@@ -35,6 +35,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from compressors.serialization import loads_json
 from theory import collectives as tc
 
 ALGORITHMS = tc.ALL_REDUCE_ALGORITHMS
@@ -212,7 +213,7 @@ class Network:
 
     @classmethod
     def load(cls, path) -> Network:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(loads_json(Path(path).read_text()))  # nesting bounded: a ValueError, never recursion
 
     def with_(self, **changes) -> Network:
         return replace(self, **changes)

@@ -26,8 +26,6 @@ may name the intra-node link by preset: ``{"preset": "ethernet-10g", "devices_pe
 """
 from __future__ import annotations
 
-import json
-
 from compressors.options import closest
 from .network import GBIT, GBYTE, Network
 
@@ -74,7 +72,7 @@ def resolve_network(value) -> Network:
         if value.endswith(".json"):
             try:
                 return Network.load(value)
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:  # missing, unreadable, not JSON
+            except (OSError, ValueError) as error:  # missing, unreadable, not JSON (or nested too deep), bad fields
                 raise ValueError(f"network: network={value!r} is invalid; allowed: a readable JSON Network file "
                                  f"({type(error).__name__}: {error})") from error
         return preset(value)

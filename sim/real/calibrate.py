@@ -25,7 +25,6 @@ import json
 import math
 import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from ..cost.network import Network
-from .distributed import exit_without_finalizers
+from .distributed import exit_without_finalizers, private_directory
 from .link import ShapedLink, enter_namespace, shaped_namespace
 
 OPS = ("all_reduce", "all_gather")
@@ -122,7 +121,7 @@ def measure(nproc: int, backend: str = "gloo", sizes=DEFAULT_SIZES, link: str | 
 def _measure(nproc: int, backend: str, sizes, namespace: str | None) -> pd.DataFrame:
     import torch.multiprocessing as mp
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with private_directory("calibrate") as tmp:
         out = os.path.join(tmp, "rows.json")
         rendezvous = "file://" + os.path.join(tmp, "rendezvous")  # no TCP port to race for
         mp.spawn(_worker, args=(nproc, rendezvous, backend, tuple(sizes), out, namespace), nprocs=nproc, join=True)

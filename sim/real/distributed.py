@@ -11,21 +11,31 @@ gathered from every process (W, ...) as in ``sim.run``.
 ``spawn`` is the underlying launcher (also used by the tests): fresh processes (start method "spawn"), a
 process group (file rendezvous in a fresh temporary directory), one deadline for the whole run, and a clear error naming the rank
 when any process raises, dies or hangs; the survivors are terminated, never left behind.
+
+What the processes hand back is data, never code: each rank's return value is saved with ``torch.save`` and read
+with ``torch.load(weights_only=True)`` (tensors, numbers, strings and containers of them; a ``Result`` travels
+as plain containers and is rebuilt here). The temporary directory is private (mode 0700, owned by this user) and
+made only where no other user can swap it: a ``TMPDIR`` that other users may write without the sticky bit is
+refused with an error naming it.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
+import stat
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import pandas as pd
 import torch
 
 from compressors.comm import DistributedCollective
+from compressors.serialization import from_plain, to_plain
 from .. import checkpoint
 from ..experiment import Experiment, registering_modules
 from ..result import Result
@@ -74,7 +84,7 @@ def _spawn(fn, nproc, args, backend, timeout, collective_timeout, threads, names
     if backend not in BACKENDS:
         raise ValueError(f"spawn: backend={backend!r} is invalid; allowed: {', '.join(BACKENDS)}")
     threads = threads if threads is not None else max(1, (os.cpu_count() or 1) // nproc)
-    with tempfile.TemporaryDirectory(prefix="sim-dist-") as outdir:
+    with private_directory("spawn") as outdir:
         # Rendezvous through a file in our own fresh directory, not a "free" TCP port: a port found free can be
         # taken by another process before rank 0 binds it (a race under parallel test workers).
         rendezvous = "file://" + os.path.join(outdir, "rendezvous")
@@ -94,11 +104,46 @@ def _spawn(fn, nproc, args, backend, timeout, collective_timeout, threads, names
         except Exception as error:  # ProcessRaisedException / ProcessExitedException: one rank failed
             _terminate(context.processes)
             raise DistributedRunError(f"spawn: a process of {nproc} failed; the others were terminated.\n{error}") from error
-        results = []
-        for rank in range(nproc):
-            path = os.path.join(outdir, f"rank{rank}.pt")
-            results.append(torch.load(path, weights_only=False) if os.path.exists(path) else None)
-        return results
+        return [_read_result(outdir, rank) for rank in range(nproc)]
+
+
+def _read_result(outdir: str, rank: int) -> Any:
+    """A rank's return value, read as data only (``weights_only=True``: nothing in the file is imported or called)."""
+    path = os.path.join(outdir, f"rank{rank}.pt")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise DistributedRunError(f"spawn: the result of rank {rank} is not a regular file")
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise DistributedRunError(f"spawn: the result of rank {rank} is invalid; allowed: tensors, numbers, "
+                                      "strings, None and lists/tuples/dicts of them (a rank's return value is read "
+                                      f"as data only): {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+                                      ) from None
+
+
+@contextlib.contextmanager
+def private_directory(owner: str) -> Iterator[str]:
+    """A fresh temporary directory only this user can enter (0700), removed on exit. Refused (ValueError) where
+    another user could rename it away and plant their own in its place: a temporary-files folder (``TMPDIR``)
+    that is writable by others without the sticky bit, or owned by another user (not root)."""
+    base = tempfile.gettempdir()
+    info = os.stat(base)
+    shared = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX
+    if shared or info.st_uid not in (0, os.getuid()):
+        raise ValueError(f"{owner}: the temporary directory {base!r} (TMPDIR) is invalid; allowed: a directory "
+                         "only you can write, or one with the sticky bit like /tmp (other users can replace files "
+                         "in this one); e.g. TMPDIR=$HOME/tmp")
+    with tempfile.TemporaryDirectory(prefix="sim-dist-") as path:
+        made = os.lstat(path)
+        if not stat.S_ISDIR(made.st_mode) or made.st_uid != os.getuid() or stat.S_IMODE(made.st_mode) & 0o077:
+            raise ValueError(f"{owner}: the private directory {path!r} is not private (owner, mode); allowed: a "
+                             "TMPDIR only you can write")
+        yield path
 
 
 def _child(rank, fn, world, init_method, backend, collective_timeout, threads, outdir, args, namespace=None):
@@ -195,13 +240,40 @@ def run_distributed(experiment: Experiment | Sequence[Experiment], *, nproc: int
         common_checkpoint_step(resume_from, experiments[0], nproc, ks[0])
 
     shaped = ShapedLink.parse(link) if link is not None else None  # a bad rate fails here, before any process
-
-    results = spawn(run_on_rank, nproc, (experiments, ks, collective_timeout, checkpointing, registering_modules()),
+    results = spawn(run_on_rank_as_data, nproc, (experiments, ks, collective_timeout, checkpointing,
+                                                 registering_modules()),
                     backend=backend, timeout=timeout, collective_timeout=collective_timeout, threads=threads,
                     link=shaped)
-    for result in results[0]:
+    rebuilt = [result_from_data(data, e) for data, e in zip(results[0], experiments)]
+    for result in rebuilt:
         result.extras["link"] = shaped.label() if shaped is not None else None
-    return results[0][0] if isinstance(experiment, Experiment) else results[0]
+    return rebuilt[0] if isinstance(experiment, Experiment) else rebuilt
+
+
+def run_on_rank_as_data(rank: int, world: int, *args) -> list[dict] | None:
+    """``run_on_rank`` with rank 0's Results as plain data (``result_to_data``), for ``spawn`` to hand back."""
+    results = run_on_rank(rank, world, *args)
+    return None if results is None else [result_to_data(r) for r in results]
+
+
+def result_to_data(result: Result) -> dict[str, Any]:
+    """A Result as tensors, numbers, strings and containers (its state records tagged by their registered
+    names, ``compressors.serialization``); the Experiment stays with the caller, who has it."""
+    history = result.history
+    return {"columns": [str(c) for c in history.columns],
+            "history": {str(c): history[c].tolist() for c in history.columns},
+            "params": dict(result.params), "buffers": dict(result.buffers),
+            "bits_per_step": float(result.bits_per_step), "dense_bits_per_step": float(result.dense_bits_per_step),
+            "wall_seconds": float(result.wall_seconds), "extras": to_plain(result.extras, "$.extras")}
+
+
+def result_from_data(data: Any, experiment: Experiment) -> Result:
+    """Inverse of ``result_to_data`` (records rebuilt only from the allow-list of registered types)."""
+    if not isinstance(data, dict):
+        raise DistributedRunError(f"run_distributed: rank 0 handed back {type(data).__name__}; allowed: a dict")
+    history = pd.DataFrame(data["history"], columns=data["columns"])
+    return Result(experiment, history, data["params"], data["buffers"], data["bits_per_step"],
+                  data["dense_bits_per_step"], data["wall_seconds"], from_plain(data["extras"], "$.extras"))
 
 
 def run_on_rank(rank: int, world: int, experiments: list[Experiment], ks: list[int],

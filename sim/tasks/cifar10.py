@@ -3,7 +3,9 @@
 Expected files (the "CIFAR-10 python version" archive, https://www.cs.toronto.edu/~kriz/cifar.html, unpacked):
 ``<data_dir>/cifar-10-batches-py/{data_batch_1..5, test_batch}`` (``data_dir`` may also be that folder itself).
 Each file is a pickled dict with ``b"data"``: uint8 (N, 3072), a row being the 1024 red, then green, then
-blue values of a 32x32 image in row-major order, and ``b"labels"``: N integers in 0..9.
+blue values of a 32x32 image in row-major order, and ``b"labels"``: N integers in 0..9. A batch is read as data
+only: the unpickler builds containers, numbers, bytes and numpy arrays and nothing else, a file may reference
+an object already built at most ``MAX_MEMO_GETS`` times, and anything else is a ValueError naming the file.
 
 Pixels are scaled to [0, 1] and normalised per channel with the usual CIFAR-10 training-set statistics
 (mean 0.4914, 0.4822, 0.4465; std 0.2470, 0.2435, 0.2616). No augmentation: a Task holds a fixed training
@@ -11,7 +13,9 @@ set, so random crops and flips of the paper's setup are not simulated.
 """
 from __future__ import annotations
 
+import io
 import pickle
+import pickletools
 from pathlib import Path
 
 import numpy as np
@@ -62,17 +66,37 @@ class DataOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+#: Memo look-ups (references to an object already built) a batch may make: a real batch makes two per file
+#: name (the ``_codecs.encode`` global and its encoding); a crafted one could repeat one big object millions
+#: of times at a few bytes per reference, to be copied out later.
+MAX_MEMO_GETS = 100_000
+MAX_BATCH_BYTES = 1 << 30  # a real batch is 31 MB
+MEMO_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+
+
 def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One pickle batch -> images uint8 (N, 3, 32, 32), labels int64 (N,)."""
+    """One pickle batch -> images uint8 (N, 3, 32, 32), labels int64 (N,). ``b"data"`` must be a uint8 array
+    and ``b"labels"`` a list of integers: nothing in the file is expanded or converted before that is checked."""
     with open(path, "rb") as f:
-        try:
-            batch = DataOnlyUnpickler(f, encoding="bytes").load()
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
-            raise ValueError(f"{path}: not a CIFAR-10 python batch ({error})") from None
+        raw = f.read(MAX_BATCH_BYTES + 1)
+    try:
+        if len(raw) > MAX_BATCH_BYTES:
+            raise ValueError(f"larger than {MAX_BATCH_BYTES} bytes")
+        gets = sum(op.name in MEMO_GETS for op, _, _ in pickletools.genops(raw))
+        if gets > MAX_MEMO_GETS:
+            raise ValueError(f"{gets} memo references; allowed: at most {MAX_MEMO_GETS}")
+        batch = DataOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, LookupError, MemoryError,
+            RecursionError, IndexError, KeyError) as error:
+        raise ValueError(f"{path}: not a CIFAR-10 python batch ({type(error).__name__}: {error})") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise ValueError(f"{path}: not a CIFAR-10 python batch (expected a dict with b'data' and b'labels')")
-    data = np.asarray(batch[b"data"], dtype=np.uint8)
-    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    data, labels = batch[b"data"], batch[b"labels"]
+    if type(data) is not np.ndarray or data.dtype != np.uint8 or type(labels) is not list or not all(
+            type(v) is int and 0 <= v < 10 for v in labels):
+        raise ValueError(f"{path}: not a CIFAR-10 python batch (expected b'data' a uint8 array and b'labels' a "
+                         "list of integers in [0, 10))")
+    labels = np.asarray(labels, dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
         raise ValueError(f"{path}: expected b'data' of shape (N, 3072) and N b'labels', got {data.shape} and "
                          f"{len(labels)} labels")

@@ -4,27 +4,56 @@ Layout (LeCun et al., http://yann.lecun.com/exdb/mnist/, "FILE FORMATS"): a 4-by
 ``0x00 0x00 <type> <ndim>``, then ``ndim`` big-endian uint32 dimension sizes, then the values in row-major
 order, big-endian. Type codes: 0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32, 0x0D float32, 0x0E float64.
 Images are ``ndim = 3`` (N, rows, cols) uint8, labels ``ndim = 1`` (N,) uint8.
+
+A gzip stream is decompressed only as far as its header's counts say (at most ``MAX_BYTES``): a small file that
+would expand to gigabytes (a gzip bomb) is refused after reading one byte more than its header declares.
 """
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 GZIP_MAGIC = b"\x1f\x8b"
+MAX_BYTES = 1 << 31  # the largest IDX payload read (Fashion-MNIST's training images are 47 MB)
 
 
 def read_bytes(path: Path) -> bytes:
-    """The file's bytes, gunzipped when it starts with gzip's magic (whatever its name says)."""
-    raw = Path(path).read_bytes()
-    if raw[:2] == GZIP_MAGIC:
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError) as error:  # a truncated or corrupt gzip stream
-            raise ValueError(f"{path}: not a readable gzip file ({error})") from None
-    return raw
+    """The file's bytes, gunzipped when it starts with gzip's magic (whatever its name says), never more than
+    the IDX header inside declares (``declared_size``)."""
+    with open(path, "rb") as f:
+        compressed = f.read(2) == GZIP_MAGIC
+    if not compressed:
+        return Path(path).read_bytes()
+    try:
+        with gzip.open(path, "rb") as stream:
+            head = stream.read(4)
+            head += stream.read(4 * head[3]) if len(head) == 4 else b""
+            size = declared_size(head, str(path))
+            body = stream.read(size - len(head) + 1)  # one byte more than declared: is there more?
+    except (OSError, EOFError, zlib.error) as error:  # a truncated or corrupt gzip stream
+        raise ValueError(f"{path}: not a readable gzip file ({error})") from None
+    if len(head) + len(body) > size:
+        raise ValueError(f"{path}: the gzip stream holds more than the {size} bytes its IDX header declares; "
+                         "allowed: exactly the declared data (refused without decompressing the rest)")
+    return head + body
+
+
+def declared_size(head: bytes, source: str) -> int:
+    """The byte size an IDX header declares (magic, dimensions and values), at most ``MAX_BYTES``; for a header
+    that is not IDX, its own length (``parse_idx`` then says what is wrong)."""
+    if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in TYPES or len(head) < 4 + 4 * head[3]:
+        return len(head)
+    ndim = head[3]
+    shape = np.frombuffer(head, dtype=">u4", count=ndim, offset=4).astype(np.int64)
+    size = 4 + 4 * ndim + int(np.prod(shape, dtype=object)) * np.dtype(TYPES[head[2]]).itemsize
+    if size > MAX_BYTES:
+        raise ValueError(f"{source}: its IDX header declares shape {tuple(int(d) for d in shape)} ({size} bytes); "
+                         f"allowed: at most {MAX_BYTES} bytes")
+    return size
 
 
 def parse_idx(data: bytes, source: str = "IDX data") -> np.ndarray:
@@ -38,7 +67,7 @@ def parse_idx(data: bytes, source: str = "IDX data") -> np.ndarray:
         raise ValueError(f"{source}: truncated header ({len(data)} bytes, {header} needed for {ndim} dimensions)")
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     dtype = np.dtype(TYPES[data[2]])
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = header + int(np.prod(shape, dtype=object)) * dtype.itemsize
     if len(data) != expected:
         raise ValueError(f"{source}: {len(data)} bytes, but its header declares shape {shape} of {dtype.name} "
                          f"({expected} bytes): the file is truncated or corrupt")

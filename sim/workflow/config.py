@@ -21,9 +21,9 @@ value; this module checks the keys and the sweep table). TOML has no null: leave
 A grid's values and the seeds must be distinct (a repeated one would run the same experiment twice).
 
 ``imports = ["my_tasks"]`` (top level) names modules that register your own tasks or compressors. Importing a
-module runs its code, so only the command line (``python -m sim run|sweep``, ``python -m sim.launch``) imports
-them, as running the config is then your explicit choice; ``load_config`` in Python requires them to be imported
-already unless called with ``allow_imports=True``.
+module runs its code, so a file alone never imports anything: the modules must be imported already, on the command
+line with ``--import my_tasks`` (``python -m sim run|sweep``, ``python -m sim.launch``), in Python by importing them
+first. ``load_config(..., allow_imports=True)`` in Python imports them for you (only for files you trust).
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from compressors.options import check_known_options, invalid
+from compressors.serialization import loads_json
 from ..experiment import Experiment, NESTED_FIELDS
 
 try:
@@ -77,12 +78,12 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
         if path.suffix == ".toml":
             return tomllib.loads(path.read_text(encoding="utf-8"))
         if path.suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = loads_json(path.read_text(encoding="utf-8"))  # nesting bounded
             if not isinstance(data, dict):
                 raise ValueError("the top level must be an object")
             return data
-    except (json.JSONDecodeError, ValueError) as error:
-        raise ValueError(f"config: cannot parse {path}: {error}") from None
+    except (json.JSONDecodeError, ValueError, RecursionError) as error:  # RecursionError: TOML nested too deep
+        raise ValueError(f"config: cannot parse {path}: {str(error) or type(error).__name__}") from None
     raise invalid("config", "suffix", path.suffix, "'.toml' or '.json'")
 
 
@@ -150,8 +151,9 @@ def import_modules(names: Any, owner: str, field: str, allow: bool = True) -> li
         if name in sys.modules:
             continue
         if not allow:
-            raise invalid(owner, field, name, "modules already imported; import it first, or pass allow_imports=True "
-                          "(importing runs the module's code: only for files you trust)")
+            raise invalid(owner, field, name, f"modules already imported: a file never imports code by itself; on the "
+                          f"command line pass --import {name}, in Python import it first (importing runs the "
+                          "module's code: only modules you trust)")
         try:
             importlib.import_module(name)
         except ImportError as error:
@@ -196,8 +198,8 @@ def parse_value(text: str) -> Any:
     lowered = text.strip().lower()
     if lowered.startswith("["):
         try:
-            return json.loads(text)
-        except json.JSONDecodeError:
+            return loads_json(text)
+        except ValueError:
             raise ValueError(f"command line: {text!r} is invalid; allowed: a JSON list such as [64, 64]") from None
     if lowered in ("true", "false"):
         return lowered == "true"

@@ -30,7 +30,7 @@ def _new_temporary(path: Path) -> str:
     for _ in range(100):
         tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}{path.suffix}")
         try:
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o666))
             return tmp
         except FileExistsError:
             continue

@@ -16,13 +16,15 @@ for row the uninterrupted one (runs are deterministic given their seed).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import math
 import platform
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
@@ -30,6 +32,12 @@ from typing import Any
 
 import pandas as pd
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no advisory locks (one sweep per directory is then the user's to ensure)
+    fcntl = None
+
+from compressors.serialization import loads_json
 from ..checkpoint_schema import LATER_FIELDS
 from ..experiment import Experiment, NESTED_FIELDS
 from ..tasks import TASK_REGISTRY
@@ -38,6 +46,8 @@ from .io import write_atomically, write_text_atomically
 FORMAT = 1
 HISTORY, RECORD = "history.csv", "record.json"
 CHECKPOINTS = "checkpoints"  # a run in progress: its sim.checkpoint files, removed once the run is stored
+LOCK = ".lock"  # held (flock) by the sweep filling the directory; holds its pid
+RESERVED = ("seed", "run", "run_id")  # columns load_results adds to every history
 
 
 # -- identity of a run ----------------------------------------------------------------------------------------
@@ -116,6 +126,37 @@ def git_commit() -> dict[str, Any]:
         return {"commit": None, "dirty": None}
 
 
+# -- one writer -----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def exclusive(root: str | Path) -> Iterator[Path]:
+    """Hold ``root``'s lock for as long as the block runs: a second sweep on the same results directory is
+    refused (ValueError naming the holder's pid) before it writes anything; the lock goes with the process, so
+    a killed sweep never leaves the directory locked."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                raise ValueError(f"sweep: out={str(root)!r} is in use by another sweep (pid {owner}); allowed: a "
+                                 "results directory no other sweep is filling (wait for it to finish, or choose "
+                                 "another --out)") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield root
+    finally:
+        os.close(fd)
+
+
+def grid_column(key: str, columns) -> str:
+    """The column of a grid key in a results table: the key itself, or ``config.<key>`` when the history (or
+    the table) already has a column of that name (``lr``: the history's per-step rate is kept)."""
+    return f"config.{key}" if key in columns or key in RESERVED else key
+
+
 # -- writing --------------------------------------------------------------------------------------------------
 def reports_perplexity(task: str) -> bool:
     return bool(getattr(TASK_REGISTRY.get(task), "reports_perplexity", False))
@@ -187,7 +228,7 @@ def read_record(folder: Path) -> dict[str, Any] | None:
     """The run's record, or None when the run is incomplete: no record, unreadable or invalid JSON, or JSON of
     another shape (a missing or mistyped field of ``RECORD_FIELDS``, a run_id that is not the folder's)."""
     try:
-        record = json.loads((folder / RECORD).read_text(encoding="utf-8"))
+        record = loads_json((folder / RECORD).read_text(encoding="utf-8"))  # nesting bounded
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("run_id") != folder.name:
@@ -212,7 +253,8 @@ def load_results(root: str | Path, run_ids: Sequence[str] | None = None) -> pd.D
     """Every complete run under ``root`` (or only ``run_ids``, in that order) as one tidy DataFrame.
 
     Columns: the history's (step, lr, train_loss, test_loss, test_accuracy, bits, ...), then one column per
-    grid key of any loaded run (its value from that run's config, so runs outside a sweep get it too),
+    grid key of any loaded run (its value from that run's config, so runs outside a sweep get it too; named
+    ``config.<key>`` where the history has a column of that name, e.g. ``config.lr`` beside the per-step ``lr``),
     ``seed``, ``run`` (the configuration's label, seeds pooled) and ``run_id``. Runs are ordered by their
     position in the sweep that produced them, then by id. Incomplete runs (no valid record or history) are
     ignored.
@@ -237,11 +279,12 @@ def load_results(root: str | Path, run_ids: Sequence[str] | None = None) -> pd.D
     if not loaded:
         return pd.DataFrame()
     keys = list(dict.fromkeys(k for record, _ in loaded for k in record.get("overrides", {}) if k != "seed"))
+    history_columns = {c for _, history in loaded for c in history.columns}
     tables = []
     for record, history in loaded:
         flat = flatten(record["config"])
         for key in keys:
-            history[key] = [flat.get(key)] * len(history)
+            history[grid_column(key, history_columns)] = [flat.get(key)] * len(history)
         history["seed"] = record["seed"]
         history["run"] = record["label"]
         history["run_id"] = record["run_id"]

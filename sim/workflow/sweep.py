@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import shutil
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,9 @@ from compressors.options import check_int
 from .. import checkpoint
 from ..experiment import Experiment, registering_modules
 from ..runner import run
-from ..simulation import NonFiniteGradientError
+from ..simulation import NonFiniteGradientError, Simulation
 from .config import check_distinct
-from .store import CHECKPOINTS, ResultsStore, label, load_results, run_id, sends_dense
+from .store import CHECKPOINTS, ResultsStore, exclusive, grid_column, label, load_results, run_id, sends_dense
 
 
 SPAWN_HINT = ("sweep: a worker process ended before returning its run. With processes > 1 every worker starts a "
@@ -69,7 +70,7 @@ def sweep(base: Experiment, grid: Mapping[str, Sequence[Any]] | None = None, see
     tables = []
     for (point, seed, _), history in zip(experiments, histories):
         for key, value in point.items():
-            history[key] = [value] * len(history)
+            history[grid_column(key, history.columns)] = [value] * len(history)
         history["seed"] = point.get("seed", seed)  # a grid over "seed" names the seed itself
         history["run"] = (", ".join(f"{k}={v}" for k, v in point.items()) or "base") + (
             " (dense)" if history.attrs.get("dense") else "")  # sends at least the dense bits
@@ -148,9 +149,16 @@ def _one_thread(imports: Sequence[str] = ()) -> None:
 
 
 # -- sweeping into a directory -------------------------------------------------------------------------------
-def sweep_to_dir(base: Experiment, root: str | Path, grid: Mapping[str, Sequence[Any]] | None = None,
-                 seeds: Sequence[int] | None = None, progress: bool | str = True, log=None,
-                 checkpoint_every: int | None = None) -> pd.DataFrame:
+def sweep_to_dir(base: Experiment, root: str | Path, *args, **kwargs) -> pd.DataFrame:
+    """``fill_dir`` holding the results directory's lock: a second sweep on the same directory is refused with a
+    ValueError naming the first one's pid, before it writes anything."""
+    with exclusive(root):
+        return fill_dir(base, root, *args, **kwargs)
+
+
+def fill_dir(base: Experiment, root: str | Path, grid: Mapping[str, Sequence[Any]] | None = None,
+             seeds: Sequence[int] | None = None, progress: bool | str = True, log=None,
+             checkpoint_every: int | None = None) -> pd.DataFrame:
     """Every grid point x seed of ``base``, each stored as it finishes; complete runs are skipped.
 
     ``progress``: True for bars, "lines" for one ``log`` line per finished run, False for neither.
@@ -189,21 +197,34 @@ def sweep_to_dir(base: Experiment, root: str | Path, grid: Mapping[str, Sequence
 
 def resume_options(experiment: Experiment, directory: Path, checkpoint_every: int | None, log=None) -> dict:
     """``sim.run``'s checkpoint arguments for a run of a results directory: write into ``directory`` every
-    ``checkpoint_every`` steps (None or 0: never), and resume from its newest checkpoint if one is there and
-    loads (one that does not, e.g. written by another format version, is reported and the run starts over)."""
+    ``checkpoint_every`` steps (None or 0: never), and resume from its newest valid checkpoint (invalid newer
+    ones are reported and skipped). Nothing is deleted: a directory without any checkpoint this run can resume
+    from (another format version, another configuration) is moved aside (``checkpoints.unusable-<n>``) and
+    the run starts over."""
     if not checkpoint_every:
         return {}
     options = {"checkpoint_dir": directory, "checkpoint_every": checkpoint_every}
-    newest = checkpoint.latest(directory, workers=experiment.workers)
-    if newest is None:
+    if checkpoint.latest(directory, workers=experiment.workers, steps=experiment.steps) is None and not (
+            directory / checkpoint.MANIFEST).exists():
         return options
     try:
-        checkpoint.load(newest, experiment)
-    except ValueError as error:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            found = checkpoint.valid_checkpoints(directory, experiment,
+                                                 reference=Simulation(experiment).initial_state())
+    except ValueError as error:  # the directory belongs to another configuration
+        found, caught = [], [error]
+    if log is not None:
+        for reason in caught:
+            log(f"{directory}: {getattr(reason, 'message', reason)}")
+    if not found:
+        aside = next(directory.with_name(f"{directory.name}.unusable-{n}") for n in itertools.count(1)
+                     if not directory.with_name(f"{directory.name}.unusable-{n}").exists())
+        directory.rename(aside)
         if log is not None:
-            log(f"{newest}: not resumable ({error}); starting that run over")
-        shutil.rmtree(directory, ignore_errors=True)
+            log(f"{directory}: no resumable checkpoint; kept as {aside.name}, starting that run over")
         return options
+    _, newest, _ = found[0]
     if log is not None:
         log(f"resuming {directory.parent.name} from {newest.name}")
     return {**options, "resume_from": newest}
