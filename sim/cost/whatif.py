@@ -34,6 +34,7 @@ import torch
 from compressors.comm import VirtualCollective
 from compressors.degenerate import DENSE_SUFFIX, sends_dense, warn_if_dense
 from compressors.options import closest
+from compressors.spec import parse_spec, spec_label
 from ..models import build
 from ..tasks import load_task
 from .compute import (ACCELERATORS, ComputeTime, codec_from_flops, compute_from_flops, forward_flops, measure_codec,
@@ -124,31 +125,8 @@ def _shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def compressor_spec(value) -> dict:
-    """A name, a dict {"name": ..., **options}, or "name:key=value,key=value" (values parsed as Python literals)."""
-    if isinstance(value, Mapping):
-        if "name" not in value:
-            raise ValueError(f"whatif: compressors entry {value!r} is invalid; allowed: a dict with a 'name'")
-        return dict(value)
-    if isinstance(value, str):
-        import ast
-
-        name, _, rest = value.partition(":")
-        spec: dict = {"name": name.strip()}
-        for item in filter(None, (s.strip() for s in rest.split(","))):
-            key, sep, text = item.partition("=")
-            if not sep:
-                raise ValueError(f"whatif: compressors entry {value!r} is invalid; allowed: 'name:key=value,...'")
-            try:
-                spec[key.strip()] = ast.literal_eval(text.strip())
-            except (ValueError, SyntaxError):
-                spec[key.strip()] = text.strip()
-        return spec
-    raise ValueError(f"whatif: compressors entry {value!r} is invalid; allowed: a name, a dict or 'name:k=v'")
-
-
-def label(spec: Mapping) -> str:
-    options = ",".join(f"{k}={v}" for k, v in spec.items() if k != "name")
-    return f"{spec['name']}({options})" if options else str(spec["name"])
+    """A name, a dict {"name": ..., **options}, or "name:key=value:key=value" (``compressors.spec``)."""
+    return parse_spec(value, "whatif", "compressors")
 
 
 def probe_ledger(aggregator, shapes, seed: int = 0, workers: int = PROBE_WORKERS):
@@ -258,7 +236,7 @@ def whatif(experiment_or_shapes, compressors=("identity", {"name": "powersgd", "
         aggregator = registry.make(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
         records = probe_ledger(aggregator, source.shapes, seed)
         codec_seconds = _codec(codec_from, aggregator, source.shapes, precision, utilization)
-        name = label(spec)
+        name = spec_label(spec)
         if spec["name"] != "identity" and sends_dense(aggregator, source.shapes):
             warn_if_dense(aggregator, source.shapes, name)
             name += DENSE_SUFFIX

@@ -30,6 +30,7 @@ from typing import Any
 
 import pandas as pd
 
+from compressors.spec import spec_label
 from ..experiment import Experiment, NESTED_FIELDS
 from ..tasks import TASK_REGISTRY
 from .io import write_atomically, write_text_atomically
@@ -52,14 +53,15 @@ def run_id(experiment: Experiment) -> str:
 
 
 def label(overrides: Mapping[str, Any], experiment: Experiment, dense: bool = False) -> str:
-    """A configuration's name without its seed: the grid point ("rank=2, warm_start=False"), or the compressor;
+    """A configuration's name without its seed: the grid point ("rank=2, warm_start=False"; a grid over whole
+    compressors gives their specs: "identity", "powersgd(rank=2)"), or the compressor;
     " (dense)" appended when ``dense``: the configuration sends at least the dense bits (``compressors.degenerate``)."""
     suffix = " (dense)" if dense else ""
     point = {k: v for k, v in overrides.items() if k != "seed"}
-    if point:
-        return ", ".join(f"{k.removeprefix('compressor.')}={v}" for k, v in point.items()) + suffix
-    options = ", ".join(f"{k}={v}" for k, v in experiment.compressor.items() if k != "name")
-    return (f"{experiment.compressor['name']}({options})" if options else str(experiment.compressor["name"])) + suffix
+    if point:  # a whole compressor is named by its spec: "powersgd(rank=2)"
+        return ", ".join(spec_label(v) if k == "compressor" else f"{k.removeprefix('compressor.')}={v}"
+                         for k, v in point.items()) + suffix
+    return spec_label(experiment.compressor) + suffix
 
 
 def sends_dense(result) -> bool:
@@ -230,7 +232,8 @@ def load_results(root: str | Path, run_ids: Sequence[str] | None = None) -> pd.D
     for record, history in loaded:
         flat = flatten(record["config"])
         for key in keys:
-            history[key] = [flat.get(key)] * len(history)
+            value = spec_label(record["config"]["compressor"]) if key == "compressor" else flat.get(key)
+            history[key] = [value] * len(history)
         history["seed"] = record["seed"]
         history["run"] = record["label"]
         history["run_id"] = record["run_id"]

@@ -11,11 +11,12 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from compressors.options import check_int
+from compressors.spec import parse_spec, spec_label
 from .. import checkpoint
 from ..experiment import Experiment, registering_modules
 from ..runner import run
 from ..simulation import NonFiniteGradientError
-from .config import check_distinct
+from .config import check_compressor_grid, check_distinct
 from .store import CHECKPOINTS, ResultsStore, label, load_results, run_id, sends_dense
 
 
@@ -25,12 +26,18 @@ SPAWN_HINT = ("sweep: a worker process ended before returning its run. With proc
               "memory ends the same way. processes=1 has neither constraint.")
 
 
-def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+def grid_points(grid: Mapping[str, Sequence[Any]], base: Experiment | None = None) -> list[dict[str, Any]]:
+    """Every combination of the grid's values; with ``base``, compressor options are checked against every
+    compressor of the grid (``check_compressor_grid``)."""
     keys = list(grid)
     for key in keys:
         if isinstance(grid[key], (str, bytes)) or not isinstance(grid[key], Sequence) or len(grid[key]) == 0:
             raise ValueError(f"sweep: grid[{key!r}]={grid[key]!r} is invalid; allowed: a non-empty list of values")
-        check_distinct("sweep: grid", key, grid[key])  # a repeated value would run one experiment twice
+        # a repeated value would run one experiment twice ("powersgd:rank=2" and its dict are the same)
+        check_distinct("sweep: grid", key, [parse_spec(v, "sweep: grid", key) for v in grid[key]]
+                       if key == "compressor" else grid[key])
+    if base is not None:
+        check_compressor_grid("sweep: grid", base, grid)
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
@@ -49,7 +56,7 @@ def sweep(base: Experiment, grid: Mapping[str, Sequence[Any]] | None = None, see
     torch thread; the table is the serial one, row for row, whatever order the runs finish in (the serial sweep
     gives bitwise the same numbers when its own process runs torch on one thread too, e.g. OMP_NUM_THREADS=1).
     """
-    points = grid_points(grid or {})
+    points = grid_points(grid or {}, base)
     if not seeds:
         raise ValueError("sweep: seeds=[] is invalid; allowed: a non-empty list of integers >= 0")
     check_int("sweep", "processes", processes, minimum=1)
@@ -69,10 +76,10 @@ def sweep(base: Experiment, grid: Mapping[str, Sequence[Any]] | None = None, see
     tables = []
     for (point, seed, _), history in zip(experiments, histories):
         for key, value in point.items():
-            history[key] = [value] * len(history)
+            history[key] = [spec_label(value) if key == "compressor" else value] * len(history)
         history["seed"] = point.get("seed", seed)  # a grid over "seed" names the seed itself
-        history["run"] = (", ".join(f"{k}={v}" for k, v in point.items()) or "base") + (
-            " (dense)" if history.attrs.get("dense") else "")  # sends at least the dense bits
+        history["run"] = (", ".join(spec_label(v) if k == "compressor" else f"{k}={v}" for k, v in point.items())
+                          or "base") + (" (dense)" if history.attrs.get("dense") else "")  # sends >= the dense bits
         history["label"] = history["run"]
         tables.append(history)
     return pd.concat(tables, ignore_index=True)
@@ -164,7 +171,7 @@ def sweep_to_dir(base: Experiment, root: str | Path, grid: Mapping[str, Sequence
     seeds = list(seeds) if seeds else [base.seed]
     # a grid over "seed" itself keeps its values (then seeds is just the base's)
     jobs = [({"seed": seed, **point}, base.with_overrides({"seed": seed, **point}))
-            for point in grid_points(grid or {}) for seed in seeds]
+            for point in grid_points(grid or {}, base) for seed in seeds]
     store = ResultsStore(root)
     done = [store.is_complete(experiment) for _, experiment in jobs]
     if log is not None and any(done):
