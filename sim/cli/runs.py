@@ -29,7 +29,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                              "read it with sim.load_results")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field, e.g. --set steps=100 --set compressor.rank=4 "
-                             "--set optimizer_options.eps=1e-6 (repeatable)")
+                             "--set compressor=powersgd:rank=2 --set optimizer_options.eps=1e-6 (repeatable)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress output at all, e.g. for tests (outside a terminal progress is already "
                              "one line per finished run)")
@@ -47,7 +47,9 @@ def add_run(parser: argparse.ArgumentParser) -> None:
 def add_sweep(parser: argparse.ArgumentParser) -> None:
     _add_common(parser)
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                        help="a swept field and its distinct values, e.g. --grid compressor.rank=1,2,4 (repeatable)")
+                        help="a swept field and its distinct values, e.g. --grid compressor.rank=1,2,4, or whole "
+                             "compressors as specs: --grid compressor=identity,powersgd:rank=2:warm_start=false,"
+                             "topk:ratio=0.01 (repeatable; docs/cli.md)")
     parser.add_argument("--seeds", default=None, metavar="S1,S2",
                         help="distinct comma-separated seeds, e.g. --seeds 0,1,2 (not with --grid seed=...)")
 
