@@ -199,8 +199,24 @@ def read_history(folder: Path) -> pd.DataFrame | None:
 
 
 # -- reading --------------------------------------------------------------------------------------------------
-def load_results(root: str | Path, run_ids: Sequence[str] | None = None) -> pd.DataFrame:
-    """Every complete run under ``root`` (or only ``run_ids``, in that order) as one tidy DataFrame.
+def run_folders(roots: Sequence[Path], run_ids: Sequence[str] | None) -> list[Path]:
+    """The run folders of every root (a run found in several, e.g. two overlapping slices, once), or the
+    folders of ``run_ids`` (each from the first root that has it)."""
+    if run_ids is not None:
+        return [next((r / "runs" / i for r in roots if (r / "runs" / i).is_dir()), roots[0] / "runs" / i)
+                for i in run_ids]
+    found: dict[str, Path] = {}
+    for directory in roots:
+        for folder in sorted((directory / "runs").glob("*")):
+            if folder.is_dir() and not folder.name.startswith(".") and read_record(folder) is not None:
+                found.setdefault(folder.name, folder)
+    return list(found.values())
+
+
+def load_results(root: str | Path | Sequence[str | Path], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """Every complete run under ``root`` (or only ``run_ids``, in that order) as one tidy DataFrame. ``root``
+    may be a list of results directories (e.g. one per slice of a sweep, ``--shard i/n``): their runs are
+    merged in sweep order.
 
     Columns: the history's (step, lr, train_loss, test_loss, test_accuracy, bits, ...), then one column per
     grid key of any loaded run (its value from that run's config, so runs outside a sweep get it too),
@@ -208,14 +224,14 @@ def load_results(root: str | Path, run_ids: Sequence[str] | None = None) -> pd.D
     position in the sweep that produced them, then by id. Incomplete runs (no valid record or history) are
     ignored.
     """
-    runs = Path(root) / "runs"
-    if not Path(root).is_dir():
-        raise ValueError(f"load_results: {str(root)!r} is not a directory (a results folder from "
-                         f"`python -m sim sweep ... --out DIR` or sim.workflow.store.sweep_to_dir)")
-    if run_ids is None:
-        folders = sorted(p for p in runs.glob("*") if p.is_dir() and not p.name.startswith("."))
-    else:
-        folders = [runs / r for r in run_ids]
+    roots = [Path(r) for r in root] if isinstance(root, (list, tuple)) else [Path(root)]
+    if not roots:
+        raise ValueError("load_results: root=[] is invalid; allowed: a results directory or a list of them")
+    for directory in roots:
+        if not directory.is_dir():
+            raise ValueError(f"load_results: {str(directory)!r} is not a directory (a results folder from "
+                             f"`python -m sim sweep ... --out DIR` or sim.workflow.store.sweep_to_dir)")
+    folders = run_folders(roots, run_ids)
     loaded = []
     for folder in folders:
         record = read_record(folder)
