@@ -114,3 +114,16 @@ def test_cli_grid_and_set_of_specs(tmp_path, capsys):
                  "compressor.rank=1,2", "--out", str(tmp_path / "bad")]) == 2
     assert "'identity' does not take 'rank'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_powersgd_rank_default_is_shown_and_an_explicit_rank_is_still_told_apart(capsys):
+    assert compressors.options_of("powersgd")["rank"] == 1
+    assert main(["list", "compressors"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("powersgd "))
+    assert "rank=1," in line and "rank=null" not in line
+    assert compressors.make("powersgd").bits_per_step({"w": (8, 6)}) == compressors.make(
+        "powersgd", rank=1).bits_per_step({"w": (8, 6)})
+    compressors.make("powersgd", rank_schedule=[[0, 2]])  # the default rank leaves the schedule in charge
+    with pytest.raises(ValueError, match=r"powersgd: rank=1 is invalid; allowed: None \(leave it out\) when "
+                                         "rank_schedule is given"):
+        compressors.make("powersgd", rank=1, rank_schedule=[[0, 2]])
