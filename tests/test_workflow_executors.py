@@ -12,7 +12,8 @@ import pytest
 
 import sim
 from sim.cli.main import main
-from sim.workflow.store import RECORD
+from sim.workflow import sweep as sweep_module
+from sim.workflow.store import CHECKPOINTS, RECORD, ResultsStore
 from sim.workflow.sweep import SweepError, check_shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +64,26 @@ def test_any_executor_fills_the_same_directory_and_resumes(serial, tmp_path):
     with CountingExecutor(2) as executor:  # started again: every run is found complete and kept
         again = sim.sweep(BASE, grid=GRID, seeds=[0, 1], progress=False, out=tmp_path, executor=executor)
     assert again.equals(serial) and finished_at(tmp_path) == stored
+
+
+def test_a_job_resumes_the_run_in_progress_from_its_checkpoint(serial, tmp_path, monkeypatch):
+    experiment = BASE.with_overrides({"compressor": "powersgd:rank=2", "seed": 1})
+    partial = ResultsStore(tmp_path).folder(experiment) / CHECKPOINTS
+    # an interrupted job left checkpoints (steps 2 and 4) in its run folder, and no record
+    sim.run(experiment, checkpoint_dir=partial, checkpoint_every=2)
+    calls = []
+    original = sweep_module.run
+
+    def spy(e, **options):
+        calls.append(options.get("resume_from"))
+        return original(e, **options)
+
+    monkeypatch.setattr(sweep_module, "run", spy)
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        table = sim.sweep(BASE, grid=GRID, seeds=[0, 1], progress=False, out=tmp_path, executor=executor,
+                          checkpoint_every=2)
+    assert table.equals(serial) and not partial.exists()  # stored, checkpoints superseded
+    assert sum(c is not None for c in calls) == 1 and calls.count(None) == 3  # only that run resumed
 
 
 def test_in_memory_sweep_on_an_executor_is_the_serial_table():
