@@ -74,6 +74,10 @@ def test_experiment_and_config_take_specs():
         "name": "identity"}
     with pytest.raises(ValueError, match="compressor 'powersgd': unknown option 'rnak'"):
         BASE.replace(compressor="powersgd:rnak=2")
+    swept = from_mapping({**data, "sweep": {"grid": {"compressor": ["identity", {"name": "topk", "ratio": 0.1}]}}})
+    assert swept.grid == {"compressor": ["identity", {"name": "topk", "ratio": 0.1}]}
+    with pytest.raises(ValueError, match="config.sweep.grid: compressor.rank=.*absent when the grid names whole"):
+        from_mapping({**data, "sweep": {"grid": {"compressor": ["identity"], "compressor.rank": [1]}}})
 
 
 def test_grid_options_that_do_not_apply_are_refused():
