@@ -21,10 +21,11 @@ from .orthogonalize import orthogonalize
 from .policies import Partition, Warmup, compose
 from .powersgd import PowerSGDKernel, PowerSGDState
 from .registry import REGISTRY, make, options_of, register
+from .spec import parse_spec, spec_label
 from .state_tree import iter_states, memory_norm
 
 __all__ = [
-    "make", "register", "REGISTRY", "options_of", "match_bits",
+    "make", "register", "REGISTRY", "options_of", "match_bits", "parse_spec", "spec_label",
     "Aggregator", "Comm", "Reduced", "TheoryClaim", "dtype_bits", "matrix_view_shape",
     "ERROR_FEEDBACK_MODES", "ErrorFeedback", "ErrorFeedbackState", "Identity", "orthogonalize",
     "Partition", "Warmup", "compose", "PowerSGDKernel", "PowerSGDState", "iter_states", "memory_norm",

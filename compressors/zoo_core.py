@@ -28,13 +28,22 @@ def make_identity(*, error_feedback: str = "none") -> Aggregator:
     return compose(Identity(), error_feedback=error_feedback, min_compression_rate=0.0, compress_vectors=True)
 
 
+class DefaultRank(int):
+    """PowerSGD's default rank, 1: an int that shows as 1 (``options_of``, ``python -m sim list compressors``)
+    and that the factory tells apart from a rank the caller gave, which a rank rule refuses."""
+
+
+DEFAULT_RANK = DefaultRank(1)
+
+
 @register("powersgd")
-def make_powersgd(*, rank: int | None = None, num_iters_per_step: int = 1, warm_start: bool = True,
+def make_powersgd(*, rank: int = DEFAULT_RANK, num_iters_per_step: int = 1, warm_start: bool = True,
                   variant: str = "paper", orthogonalization: str = "qr", epsilon: float = 1e-8,
                   min_compression_rate: float = 2.0, start_compressing_after_num_steps: int = 0,
                   error_feedback: str = "local", seed: int | None = None, rank_schedule=None, adaptive=None,
                   layer_ranks=None, rank_allocation=None) -> Aggregator:
-    """PowerSGD. Defaults: the paper's algorithm (variant "paper", local error feedback, warm start), rank 1.
+    """PowerSGD. Defaults: the paper's algorithm (variant "paper", local error feedback, warm start) at rank 1
+    (``rank=1``, the smallest: give the rank you mean, e.g. ``make("powersgd", rank=2)``).
 
     Ranks over time and layers (docs/rank_schedules.md): ``rank_schedule=[[0, 4], [100, 2], ...]`` (first step,
     rank) phases; ``adaptive={"rule": "accordion", ...}``; ``rank_allocation={"rule": "spectral", ...}`` (one
@@ -48,13 +57,14 @@ def make_powersgd(*, rank: int | None = None, num_iters_per_step: int = 1, warm_
     if len(rules) > 1:
         raise invalid(owner, rules[1][0], rules[1][1], f"None when {rules[0][0]} is given (one rule decides the "
                       "ranks over time)")
-    if rules and rank is not None:
+    if rank is None:  # None: the default (left out)
+        rank = DEFAULT_RANK
+    if rules and rank is not DEFAULT_RANK:
         raise invalid(owner, "rank", rank, f"None (leave it out) when {rules[0][0]} is given: {rules[0][0]} "
                       "decides every rank")
     if rules and layer_ranks is not None:
         raise invalid(owner, "layer_ranks", layer_ranks, f"None when {rules[0][0]} is given (per-layer patterns "
                       "combine with a fixed rank only)")
-    rank = 1 if rank is None else rank
     check_int(owner, "rank", rank, minimum=1)
     check_int(owner, "num_iters_per_step", num_iters_per_step, minimum=1)
     check_bool(owner, "warm_start", warm_start)

@@ -431,7 +431,7 @@ def main() -> None:
                             for name, n in PRESETS.items()])
     table = whatif("resnet18_cifar", compressors=[f"powersgd:rank={r}" for r in (1, 2, 4)], workers=[4, 16, 64],
                    networks=["ethernet-1g", "ethernet-10g", "infiniband-100g", "dgx1-ethernet-10g", "nvlink"],
-                   compute="v100")
+                   compute="v100", precision="fp32")
     wide = table.pivot_table(index=["network", "workers"], columns="compressor", values="speedup").reset_index()
     step = table.pivot_table(index=["network", "workers"], columns="compressor", values="step_s").reset_index()
     real, real_load = real_steps_section(result, args.real_steps, args.real_repeats)
@@ -578,10 +578,10 @@ all-reduces per step were batched into 2 earlier (`Simulation._average_many`,
 shared 2-core VM) move by 10-25% between runs of this script; the real steps' held-out median error was
 12.4%, 19.7% and 10.6% in three runs while this section was developed, the collectives' 19-23%.
 
-## What-if: the paper's ResNet-18 (V100 compute, 128 images per worker)
+## What-if: the paper's ResNet-18 (V100 fp32 compute, 128 images per worker)
 
 `python -m sim whatif --model resnet18_cifar --rank 1 2 4 --workers 4 16 64 --network ethernet-1g
-ethernet-10g infiniband-100g dgx1-ethernet-10g nvlink --compute v100`
+ethernet-10g infiniband-100g dgx1-ethernet-10g nvlink --compute v100 --precision fp32`
 
 Speedup of each compressor over the dense all-reduce (below 1: compression does not pay):
 

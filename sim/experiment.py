@@ -55,7 +55,8 @@ class Experiment:
     # in optimizer_options; lr, weight_decay, warm-up and decay shared). See sim/optim.py.
     optimizer: str = "sgd"
     optimizer_options: Mapping[str, Any] = field(default_factory=dict)
-    compressor: Mapping[str, Any] = field(default_factory=lambda: {"name": "identity"})
+    # {"name": "powersgd", "rank": 2} or the spec string "powersgd:rank=2" (compressors.spec); stored as the mapping
+    compressor: Mapping[str, Any] | str = field(default_factory=lambda: {"name": "identity"})
     task_options: Mapping[str, Any] = field(default_factory=dict)
     sharding: str = "iid"
     label_skew_alpha: float = 0.5  # Dirichlet concentration for sharding="label_skew"; smaller is more skewed
@@ -172,12 +173,8 @@ class Experiment:
                               f"finite for updates up to {UPDATE_HEADROOM:g})")
 
     def _check_compressor(self):
-        spec = self.compressor
-        if not isinstance(spec, Mapping) or "name" not in spec:
-            raise invalid("Experiment", "compressor", spec, 'a mapping with a "name" key, e.g. {"name": "powersgd", "rank": 2}')
-        if not all(isinstance(key, str) for key in spec):
-            raise invalid("Experiment", "compressor", spec, "a mapping whose keys are option names (strings)")
-        object.__setattr__(self, "compressor", dict(spec))
+        # a spec string ("powersgd:rank=2") or a mapping with a "name" key; stored as the mapping
+        object.__setattr__(self, "compressor", compressors.parse_spec(self.compressor, "Experiment", "compressor"))
         object.__setattr__(self, "task_options", dict(self.task_options))
         self.make_compressor()  # raises ValueError naming the bad option
 
@@ -212,6 +209,8 @@ class Experiment:
                 if head not in NESTED_FIELDS:
                     raise invalid("Experiment", key, value, "dotted keys only under "
                                   + ", ".join(f"'{n}.'" for n in NESTED_FIELDS))
+                if head == "compressor" and isinstance(changes.get(head), str):  # a spec, then options on it
+                    changes[head] = compressors.parse_spec(changes[head], "Experiment", key)
                 nested = changes.setdefault(head, copy.deepcopy(dict(getattr(self, head))))
                 nested[rest] = value
             else:

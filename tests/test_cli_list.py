@@ -278,7 +278,7 @@ def test_sim_sweep_out_is_the_resumable_results_directory(tmp_path):
     ({"grid": {"compressor.rank": [1, 1]}}, "repeated"),
     ({"seeds": [0, 0]}, "repeated"),
     ({"grid": {"seed": [1, 2]}, "seeds": [0, 1]}, "seeds"),
-    ({"processes": 2, "out": "x"}, "processes"),
+    ({"shard": "3/2", "out": "x"}, "shard"),
 ])
 def test_sim_sweep_refuses_repeated_runs(tmp_path, arguments, named):
     base = load_config(config_file(tmp_path)).experiment

@@ -2,6 +2,7 @@
 column says where it came from; identity's codec time is exactly 0; two identical calls are identical."""
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import pandas as pd
@@ -16,6 +17,8 @@ from sim.cost import compute as cost_compute
 from sim.cost import whatif
 from sim.cost.compute import ACCELERATORS, codec_flops, codec_from_flops
 from sim.cost.whatif import does_it_pay, format_does_it_pay
+
+whatif_module = importlib.import_module("sim.cost.whatif")  # the module (sim.cost.whatif is also the function)
 
 SHAPES = {"w1": (128, 256), "b1": (128,), "w2": (10, 128)}
 COMPRESSORS = ["identity", "powersgd:rank=2", "topk:ratio=0.05", "qsgd"]
@@ -49,7 +52,7 @@ def test_an_accelerator_prices_compute_and_codec_from_flops(no_clock):
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
     example = torch.empty(32, 64)
     table = whatif(model, compressors=["powersgd:rank=4"], workers=[8], networks=["ethernet-1g"], compute="t4",
-                   example_input=example)
+                   example_input=example, precision="fp32")
     assert set(table.compute_source) == {"flops@t4"} and set(table.codec_source) == {"flops@t4"}
     rate = ACCELERATORS["t4"].fp32_tflops * 1e12 * 0.4
     forward = 2 * 32 * (64 * 128 + 128 * 10)  # 2 per multiply-add of each linear layer
@@ -89,7 +92,8 @@ def test_codec_flops_needs_an_accelerator():
 
 
 def test_resnet50_is_known_by_name_with_its_published_flops(no_clock):
-    table = whatif("resnet50", compressors=["identity"], workers=[16], compute="v100", batch_size=32)
+    table = whatif("resnet50", compressors=["identity"], workers=[16], compute="v100", batch_size=32,
+                   precision="fp32")
     assert table.mb_per_worker.iloc[0] * 1e6 == 25_557_032 * 4
     # torchvision: 4.09 G multiply-adds per 224x224 image; x2 FLOPs, x3 for training, 32 images, 40% of 15.7 TFLOP/s
     assert table.compute_s.iloc[0] == pytest.approx(3 * 2 * 4.09e9 * 32 / (0.4 * 15.7e12), rel=2e-3)
@@ -119,8 +123,8 @@ def test_a_degenerate_configuration_is_labelled_dense_and_warns_once():
         table = whatif(shapes, compressors=[spec, "powersgd:rank=1"], workers=[4], compute=0.01)
         whatif(shapes, compressors=[spec], workers=[4], compute=0.01)
     dense = [w for w in caught if issubclass(w.category, DenseConfigurationWarning)]
-    assert len(dense) == 1 and "powersgd(rank=8,min_compression_rate=0.0)" in str(dense[0].message)
-    assert set(table.compressor) == {"identity", "powersgd(rank=8,min_compression_rate=0.0) (dense)",
+    assert len(dense) == 1 and "powersgd(rank=8, min_compression_rate=0.0)" in str(dense[0].message)
+    assert set(table.compressor) == {"identity", "powersgd(rank=8, min_compression_rate=0.0) (dense)",
                                      "powersgd(rank=1)"}
 
 
@@ -138,3 +142,47 @@ def test_a_degenerate_run_warns_once_and_its_sweep_label_says_dense():
     assert result.bits_per_step > result.dense_bits_per_step  # rank 7 on a 7 x 13 matrix: worse than dense
     assert sim.workflow.store.label({}, result.experiment, dense=sim.workflow.store.sends_dense(result)) == \
         "powersgd(rank=7, min_compression_rate=0.0) (dense)"
+
+
+def test_precision_defaults_to_the_accelerators_mixed_precision_and_is_printed(no_clock):
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    example = torch.empty(32, 64)
+    forward = 2 * 32 * (64 * 128 + 128 * 10)
+    for name, expected in [("v100", "fp16"), ("a100", "bf16")]:
+        table = whatif(model, compressors=["powersgd:rank=4"], workers=[8], compute=name, example_input=example)
+        assert set(table.precision) == {expected}
+        rate = ACCELERATORS[name].half_tflops * 1e12 * 0.4
+        assert table.compute_s.iloc[0] == pytest.approx(3 * forward / rate, rel=1e-12)
+        # mixed precision keeps fp32 gradients: the compressor's encode/decode is priced at the fp32 rate
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        row = table.set_index("compressor").loc["powersgd(rank=4)"]
+        assert row.codec_s == codec_from_flops(compressors.make("powersgd", rank=4), shapes, name, "fp32")
+        assert f"FLOPs priced at {expected} (mixed precision" in format_does_it_pay(table)
+    fp32 = whatif(model, compressors=["identity"], workers=[8], compute="v100", example_input=example,
+                  precision="fp32")
+    assert set(fp32.precision) == {"fp32"} and "FLOPs priced at fp32" in format_does_it_pay(fp32)
+    assert set(whatif(SHAPES, compressors=["identity"], compute=0.01).precision) == {"none"}  # nothing priced
+
+
+@pytest.mark.parametrize("argument, value", [("precision", "half"), ("utilization", 0.0), ("overlap", "some"),
+                                             ("batch_size", 0), ("compute", "v1000"), ("compressors", ["powersgd:rnak=2"]),
+                                             ("seed", -1), ("compressors", "powersgd")])
+def test_every_argument_is_checked_before_the_model_is_built(monkeypatch, argument, value):
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built before the arguments were checked")
+
+    monkeypatch.setattr(whatif_module, "resolve_source", built)
+    name = "rnak" if argument == "compressors" and value != "powersgd" else argument
+    with pytest.raises(ValueError, match=name):
+        whatif("gpt2", **{"compute": "a100", argument: value})
+
+
+def test_cli_precision(capsys):
+    from sim.cli.main import main
+
+    assert main(["whatif", "--model", "resnet18_cifar", "--rank", "2", "--compute", "v100", "--codec", "none",
+                 "--precision", "fp32"]) == 0
+    assert "FLOPs priced at fp32" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["whatif", "--precision", "half"])
+    assert "--precision" in capsys.readouterr().err

@@ -32,7 +32,7 @@ def add_whatif(parser: argparse.ArgumentParser) -> None:
                         help="a model known by name (python -m sim list models: resnet18_cifar, resnet50, vit_b16, "
                              "bert_base, gpt2, ...) or a task name (python -m sim list tasks), e.g. --model resnet50 "
                              "or --model digits-mlp (default resnet18_cifar)")
-    parser.add_argument("--compressor", action="append", default=None, metavar="NAME[:OPTION=VALUE,...]",
+    parser.add_argument("--compressor", action="append", default=None, metavar="NAME[:OPTION=VALUE:...]",
                         help="repeatable, e.g. --compressor powersgd:rank=2 --compressor topk:ratio=0.01 "
                              "(identity, the baseline, is always added)")
     parser.add_argument("--rank", type=positive_int, nargs="*", default=None,
@@ -48,6 +48,10 @@ def add_whatif(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accelerator", default=None,
                         help="the target GPU when --compute is seconds: encode/decode is then priced from FLOPs on "
                              "it, else 0, e.g. --compute 0.12 --accelerator a100 (python -m sim list accelerators)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                        help="the FLOP rate an accelerator's FLOP counts are priced at: auto (default) is what "
+                             "training on it uses, mixed precision at the fp16/bf16 tensor-core rate; fp32 prices "
+                             "the fp32 peak, e.g. --precision fp32")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="per-worker batch for FLOP counting, e.g. --batch-size 128")
     parser.add_argument("--overlap", default="buckets", choices=["buckets", "none"],
@@ -76,7 +80,8 @@ def run_whatif(args: argparse.Namespace) -> int:
 
         source = Experiment(task=source, workers=max(args.workers), batch_size=args.batch_size or 32)
     table = whatif(source, compressors=specs, workers=args.workers, networks=args.network, compute=compute,
-                   codec=args.codec, overlap=args.overlap, batch_size=args.batch_size, accelerator=args.accelerator)
+                   codec=args.codec, overlap=args.overlap, batch_size=args.batch_size, accelerator=args.accelerator,
+                   precision=args.precision)
 
     print(format_does_it_pay(table))  # the long table (every time column and its source) goes to --csv
     if args.csv:

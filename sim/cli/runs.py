@@ -9,7 +9,8 @@ replaces the config file's grid entry for that key (other keys of ``[sweep.grid]
 replaces its seeds. Each finished run is written to ``--out`` as it completes; running the same command again
 skips complete runs and resumes the one in progress from its checkpoint (see ``sim.workflow.store``). In a terminal a
 progress bar counts runs and an inner one steps; otherwise (a log file, a pipe, a batch job) each finished run
-prints one line.
+prints one line. ``--processes N`` runs N at a time in local processes; ``--shard I/N`` runs only the I-th of N
+slices of the runs (one cluster job each: docs/cluster.md).
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import sys
 from pathlib import Path
 
 from ..workflow.config import load_config, parse_assignment, parse_seeds, parse_sweep
-from ..workflow.sweep import sweep_to_dir
-from .arguments import add_import_option, count
+from ..workflow.sweep import SweepError, check_shard, sweep_to_dir
+from .arguments import add_import_option, count, positive_int
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +30,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                              "read it with sim.load_results")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field, e.g. --set steps=100 --set compressor.rank=4 "
-                             "--set optimizer_options.eps=1e-6 (repeatable)")
+                             "--set compressor=powersgd:rank=2 --set optimizer_options.eps=1e-6 (repeatable)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress output at all, e.g. for tests (outside a terminal progress is already "
                              "one line per finished run)")
@@ -47,9 +48,18 @@ def add_run(parser: argparse.ArgumentParser) -> None:
 def add_sweep(parser: argparse.ArgumentParser) -> None:
     _add_common(parser)
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                        help="a swept field and its distinct values, e.g. --grid compressor.rank=1,2,4 (repeatable)")
+                        help="a swept field and its distinct values, e.g. --grid compressor.rank=1,2,4, or whole "
+                             "compressors as specs: --grid compressor=identity,powersgd:rank=2:warm_start=false,"
+                             "topk:ratio=0.01 (repeatable; docs/cli.md)")
     parser.add_argument("--seeds", default=None, metavar="S1,S2",
                         help="distinct comma-separated seeds, e.g. --seeds 0,1,2 (not with --grid seed=...)")
+    parser.add_argument("--processes", type=positive_int, default=1, metavar="N",
+                        help="run N experiments at a time in local processes (one torch thread each), e.g. "
+                             "--processes 4 (default 1); a failed run does not stop the others")
+    parser.add_argument("--shard", default=None, metavar="I/N",
+                        help="run only the I-th of N slices of grid x seeds (every N-th run, from the I-th; "
+                             "1 <= I <= N), e.g. --shard 2/4 in the second of 4 cluster jobs; "
+                             "sim.load_results([DIR1, DIR2, ...]) merges the slices (docs/cluster.md)")
 
 
 def progress_mode(args: argparse.Namespace) -> bool | str:
@@ -85,8 +95,13 @@ def run_sweep(args: argparse.Namespace) -> int:
     seeds = parse_seeds(args.seeds) if args.seeds else config.seeds
     # validate command-line values (and distinctness) before any run
     grid, seeds = parse_sweep({"grid": grid, "seeds": list(seeds)}, base)
-    table = sweep_to_dir(base, out, grid=grid, seeds=seeds or (base.seed,), progress=progress_mode(args), log=print,
-                         checkpoint_every=args.checkpoint_every)
+    shard = check_shard(args.shard)
+    try:
+        table = sweep_to_dir(base, out, grid=grid, seeds=seeds or (base.seed,), progress=progress_mode(args),
+                             log=print, checkpoint_every=args.checkpoint_every, processes=args.processes, shard=shard)
+    except SweepError as error:
+        print(f"python -m sim sweep: error: {error}", file=sys.stderr)
+        return 1
     _print_summary(table, out)
     return 0
 

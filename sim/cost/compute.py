@@ -10,6 +10,10 @@ FLOP-rate presets (dense peak, TFLOP/s) and memory bandwidth (GB/s), from the ve
 | a100 | 19.5 | 312  | 2039 | NVIDIA A100 80GB SXM datasheet (tf32 tensor: 156) |
 | h100 | 67   | 989  | 3350 | NVIDIA H100 SXM5 datasheet (dense, without sparsity) |
 
+Precision: a model trained on a tensor-core GPU runs its matmuls in fp16 or bf16 (mixed precision), so
+``sim.whatif``'s default (``precision="auto"``) prices them at the fp16/bf16 tensor rate (the accelerator's
+``training_precision``); ``precision="fp32"`` prices the fp32 peak, for training that keeps fp32 matmuls.
+
 A training step costs ~3x the forward FLOPs (backward = 2x forward: Kaplan et al., "Scaling Laws for
 Neural Language Models", 2020, sec. 2.1). Real training reaches a fraction of the peak (``utilization``,
 default 0.4: an assumption in the range reported for convnet training; measure for anything that matters).
@@ -42,6 +46,7 @@ class Accelerator:
     half_tflops: float
     memory_gbs: float
     source: str
+    training_precision: str = "fp16"  # what training on it uses: mixed precision on its tensor cores
 
     def flop_rate(self, precision: str = "fp32") -> float:
         """FLOP/s at peak."""
@@ -55,9 +60,23 @@ class Accelerator:
 ACCELERATORS = {
     "v100": Accelerator("v100", 15.7, 125.0, 900.0, "NVIDIA Tesla V100 SXM2 datasheet"),
     "t4": Accelerator("t4", 8.1, 65.0, 320.0, "NVIDIA T4 datasheet"),
-    "a100": Accelerator("a100", 19.5, 312.0, 2039.0, "NVIDIA A100 80GB SXM datasheet"),
-    "h100": Accelerator("h100", 67.0, 989.0, 3350.0, "NVIDIA H100 SXM5 datasheet"),
+    "a100": Accelerator("a100", 19.5, 312.0, 2039.0, "NVIDIA A100 80GB SXM datasheet", "bf16"),
+    "h100": Accelerator("h100", 67.0, 989.0, 3350.0, "NVIDIA H100 SXM5 datasheet", "bf16"),
 }
+#: ``precision`` of ``sim.whatif``: "auto" is the accelerator's ``training_precision`` (mixed precision: fp16 on
+#: v100 and t4, bf16 on a100 and h100, both at the tensor-core rate); "fp32" prices the fp32 (non-tensor) peak.
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def resolve_precision(precision: str, name: str | None) -> str:
+    """"auto" -> the accelerator's training precision ("fp32" when there is no accelerator: nothing is priced
+    from FLOPs then); any other value of ``PRECISIONS`` as given."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"whatif: precision={precision!r} is invalid; allowed: {', '.join(PRECISIONS)} ('auto': "
+                         "the accelerator's mixed precision, fp16 or bf16)")
+    if precision != "auto":
+        return precision
+    return accelerator(name).training_precision if name is not None else "fp32"
 
 
 def accelerator(name: str) -> Accelerator:

@@ -33,14 +33,15 @@ import torch
 
 from compressors.comm import VirtualCollective
 from compressors.degenerate import DENSE_SUFFIX, sends_dense, warn_if_dense
-from compressors.options import closest
+from compressors.options import MAX_SEED, check_float, check_int, closest
+from compressors.spec import parse_spec, spec_label
 from ..models import build
 from ..tasks import load_task
-from .compute import (ACCELERATORS, ComputeTime, codec_from_flops, compute_from_flops, forward_flops, measure_codec,
-    measure_compute)
+from .compute import (ACCELERATORS, PRECISIONS, ComputeTime, codec_from_flops, compute_from_flops, forward_flops,
+    measure_codec, measure_compute, resolve_precision)
 from .network import check_workers
 from .presets import resolve_network
-from .step_time import BACKWARD_FRACTION, DDP_BUCKET_BYTES, step_time
+from .step_time import BACKWARD_FRACTION, DDP_BUCKET_BYTES, OVERLAPS, step_time
 
 import compressors as registry
 
@@ -124,31 +125,8 @@ def _shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def compressor_spec(value) -> dict:
-    """A name, a dict {"name": ..., **options}, or "name:key=value,key=value" (values parsed as Python literals)."""
-    if isinstance(value, Mapping):
-        if "name" not in value:
-            raise ValueError(f"whatif: compressors entry {value!r} is invalid; allowed: a dict with a 'name'")
-        return dict(value)
-    if isinstance(value, str):
-        import ast
-
-        name, _, rest = value.partition(":")
-        spec: dict = {"name": name.strip()}
-        for item in filter(None, (s.strip() for s in rest.split(","))):
-            key, sep, text = item.partition("=")
-            if not sep:
-                raise ValueError(f"whatif: compressors entry {value!r} is invalid; allowed: 'name:key=value,...'")
-            try:
-                spec[key.strip()] = ast.literal_eval(text.strip())
-            except (ValueError, SyntaxError):
-                spec[key.strip()] = text.strip()
-        return spec
-    raise ValueError(f"whatif: compressors entry {value!r} is invalid; allowed: a name, a dict or 'name:k=v'")
-
-
-def label(spec: Mapping) -> str:
-    options = ",".join(f"{k}={v}" for k, v in spec.items() if k != "name")
-    return f"{spec['name']}({options})" if options else str(spec["name"])
+    """A name, a dict {"name": ..., **options}, or "name:key=value:key=value" (``compressors.spec``)."""
+    return parse_spec(value, "whatif", "compressors")
 
 
 def probe_ledger(aggregator, shapes, seed: int = 0, workers: int = PROBE_WORKERS):
@@ -223,7 +201,7 @@ def codec_source(codec: str, compute, compute_source: str, accelerator: str | No
 
 def whatif(experiment_or_shapes, compressors=("identity", {"name": "powersgd", "rank": 2}), workers=(16,),
            networks=("ethernet-10g",), compute=None, codec: str = "auto", overlap: str = "buckets",
-           precision: str = "fp32", utilization: float = 0.4, batch_size: int | None = None,
+           precision: str = "auto", utilization: float = 0.4, batch_size: int | None = None,
            bucket_bytes: float = DDP_BUCKET_BYTES, seed: int = 0, accelerator: str | None = None,
            example_input: torch.Tensor | None = None) -> pd.DataFrame:
     """One row per (compressor, workers, network): seconds per step, its parts and where each comes from,
@@ -232,33 +210,46 @@ def whatif(experiment_or_shapes, compressors=("identity", {"name": "powersgd", "
 
     experiment_or_shapes: a named model (``MODELS``: resnet18_cifar, lstm_wikitext2, resnet50, vit_b16,
     bert_base, gpt2), an nn.Module (``example_input``: one worker's batch, to count FLOPs), a factory, a dict of
-    shapes, or a sim.Experiment. compute: None (measured here for a sim.Experiment, else 0), seconds on the
+    shapes, or a sim.Experiment. compressors: names, dicts or specs ("powersgd:rank=2", ``compressors.spec``).
+    compute: None (measured here for a sim.Experiment, else 0), seconds on the
     target, a ComputeTime, 'measure', or an accelerator preset (FLOPs). accelerator: the target GPU when
     ``compute`` is seconds, so encode/decode is priced from FLOPs on it. codec: 'auto' (FLOPs on the
     accelerator when one is known, else measured here only if compute is measured here, else 0), 'flops',
-    'measure' (this machine's clock), 'none' (0). Compressor configurations that send at least the dense bits
-    are labelled "(dense)" and warn once.
-    """
+    'measure' (this machine's clock), 'none' (0). precision: the FLOP rate FLOP counts are priced at: 'auto'
+    (default: what training on that accelerator uses, mixed precision at the fp16/bf16 tensor-core rate),
+    'fp32', 'fp16' or 'bf16'; the table's ``precision`` column says which was used. With 'auto' the
+    compressor's encode/decode is priced at fp32 (mixed precision keeps fp32 gradients); an explicit precision
+    prices both. Compressor configurations
+    that send at least the dense bits are labelled "(dense)" and warn once.
 
-    if codec not in CODECS:
-        raise ValueError(f"whatif: codec={codec!r} is invalid; allowed: {', '.join(CODECS)}")
-    if accelerator is not None and accelerator not in ACCELERATORS:
-        raise ValueError(f"whatif: accelerator={accelerator!r} is invalid; allowed: None or {', '.join(ACCELERATORS)}")
+    Every argument is checked (ValueError naming it) before the model is built or anything is counted.
+    """
+    target = check_arguments(compute, codec, overlap, precision, utilization, batch_size, bucket_bytes, seed,
+                             accelerator)
+    # mixed precision (torch.amp) keeps fp32 parameters and gradients: the model's matmuls run at the tensor-core
+    # rate, the compressor's, on the fp32 gradients, at the fp32 rate
+    codec_precision = "fp32" if precision == "auto" else precision
+    precision = resolve_precision(precision, target)
     workers = [check_workers(p) for p in (workers if isinstance(workers, (list, tuple)) else [workers])]
     nets = [resolve_network(n) for n in (networks if isinstance(networks, (list, tuple)) else [networks])]
-    source = resolve_source(experiment_or_shapes, batch_size, example_input)
+    if isinstance(compressors, (str, Mapping)) or not compressors:
+        raise ValueError(f"whatif: compressors={compressors!r} is invalid; allowed: a non-empty list of names, "
+                         "dicts or specs such as 'powersgd:rank=2'")
     specs = [compressor_spec(c) for c in compressors]
     if not any(s == {"name": "identity"} for s in specs):
         specs = [{"name": "identity"}] + specs
+    aggregators = [registry.make(spec["name"], **{k: v for k, v in spec.items() if k != "name"}) for spec in specs]
+    source = resolve_source(experiment_or_shapes, batch_size, example_input)
     timing, compute_from = _compute(compute, source, precision, utilization)
     codec_from = codec_source(codec, compute, compute_from, accelerator)
+    # the precision matters only where a FLOP count is priced on an accelerator
+    priced_at = precision if "flops@" in compute_from + codec_from else "none"
     dense_bytes = sum(math.prod(s) for s in source.shapes.values()) * 4
     rows = []
-    for spec in specs:
-        aggregator = registry.make(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
+    for spec, aggregator in zip(specs, aggregators):
         records = probe_ledger(aggregator, source.shapes, seed)
-        codec_seconds = _codec(codec_from, aggregator, source.shapes, precision, utilization)
-        name = label(spec)
+        codec_seconds = _codec(codec_from, aggregator, source.shapes, codec_precision, utilization)
+        name = spec_label(spec)
         if spec["name"] != "identity" and sends_dense(aggregator, source.shapes):
             warn_if_dense(aggregator, source.shapes, name)
             name += DENSE_SUFFIX
@@ -272,12 +263,43 @@ def whatif(experiment_or_shapes, compressors=("identity", {"name": "powersgd", "
                              "compute_s": t.compute, "codec_s": t.codec, "comm_s": t.comm,
                              "exposed_comm_s": t.exposed, "step_s": t.total, "comm_share": t.comm_share,
                              "compute_source": compute_from, "codec_source": codec_from,
-                             "comm_source": "ledger+network"})
+                             "comm_source": "ledger+network", "precision": priced_at})
     table = pd.DataFrame(rows)
     baseline = table[table.compressor == "identity"].set_index(["workers", "network"]).step_s
     keys = list(zip(table.workers, table.network))
     table["speedup"] = [baseline[k] / s if s > 0 else 1.0 for k, s in zip(keys, table.step_s)]
     return table
+
+
+def check_arguments(compute, codec, overlap, precision, utilization, batch_size, bucket_bytes, seed,
+                    accelerator) -> str | None:
+    """Every cheap check of ``whatif``'s arguments (before any model is built or probed); returns the target
+    accelerator (``compute`` when it names one, else ``accelerator``) or None."""
+    if codec not in CODECS:
+        raise ValueError(f"whatif: codec={codec!r} is invalid; allowed: {', '.join(CODECS)}")
+    if accelerator is not None and accelerator not in ACCELERATORS:
+        raise ValueError(f"whatif: accelerator={accelerator!r} is invalid; allowed: None or {', '.join(ACCELERATORS)}")
+    if overlap not in OVERLAPS:
+        raise ValueError(f"whatif: overlap={overlap!r} is invalid; allowed: {', '.join(OVERLAPS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"whatif: precision={precision!r} is invalid; allowed: {', '.join(PRECISIONS)} ('auto': "
+                         "the accelerator's mixed precision, fp16 or bf16)")
+    check_float("whatif", "utilization", utilization, minimum=0.0, maximum=1.0, min_inclusive=False)
+    if batch_size is not None:
+        check_int("whatif", "batch_size", batch_size, minimum=1)
+    check_float("whatif", "bucket_bytes", bucket_bytes, minimum=0.0, min_inclusive=False)
+    check_int("whatif", "seed", seed, minimum=0, maximum=MAX_SEED)
+    given = isinstance(compute, (int, float)) and not isinstance(compute, bool)
+    if given and not (math.isfinite(compute) and compute >= 0):
+        raise ValueError(f"whatif: compute={compute!r} is invalid; allowed: seconds >= 0")
+    if not (compute is None or given or isinstance(compute, ComputeTime) or compute == "measure"
+            or (isinstance(compute, str) and compute in ACCELERATORS)):
+        raise ValueError(f"whatif: compute={compute!r} is invalid; allowed: None, seconds, a ComputeTime, 'measure' "
+                         f"or an accelerator ({', '.join(ACCELERATORS)})")
+    if codec == "flops" and not (isinstance(compute, str) and compute in ACCELERATORS) and accelerator is None:
+        raise ValueError(f"whatif: codec='flops' needs an accelerator: compute= or accelerator= one of "
+                         f"{', '.join(ACCELERATORS)} (got compute={compute!r}, accelerator=None)")
+    return compute if isinstance(compute, str) and compute in ACCELERATORS else accelerator
 
 
 def _codec(source: str, aggregator, shapes, precision, utilization) -> float:
@@ -300,15 +322,19 @@ def does_it_pay(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def format_does_it_pay(table: pd.DataFrame) -> str:
-    """``does_it_pay`` as text, with a line saying where each time column came from."""
+    """``does_it_pay`` as text, with a line saying where each time column came from and at which precision FLOPs
+    were priced."""
     wide = does_it_pay(table).map(lambda v: f"{v:.2f}x")
     wide.columns = [f"{net} x{p}" for net, p in wide.columns]
     sources = ", ".join(f"{c.removesuffix('_source')}: {'/'.join(dict.fromkeys(table[c]))}"
                         for c in ("compute_source", "codec_source", "comm_source") if c in table)
     with pd.option_context("display.width", 200, "display.max_columns", 100):
         body = wide.to_string()
+    precision = [p for p in dict.fromkeys(table["precision"]) if p != "none"] if "precision" in table else []
+    priced = (f"; FLOPs priced at {'/'.join(precision)}" + (" (mixed precision, tensor cores)" if precision != ["fp32"]
+              else " (fp32 peak; precision='auto' prices mixed precision)")) if precision else ""
     return (f"does it pay? speedup per step over the exact all-reduce (>1.00x: compression pays)\n{body}\n"
-            f"times from {sources}")
+            f"times from {sources}{priced}")
 
 
 def time_to_accuracy(history: pd.DataFrame, target: float, step_time: float, metric: str = "test_accuracy",

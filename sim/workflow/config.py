@@ -37,8 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import compressors
 from compressors.options import check_known_options, invalid
 from compressors.serialization import loads_json
+from compressors.spec import parse_spec, split_specs
 from ..experiment import Experiment, NESTED_FIELDS
 
 try:
@@ -93,8 +95,11 @@ def from_mapping(data: Mapping[str, Any], source: str = "", allow_imports: bool 
     check_known_options("config", data, fields + ["sweep", "imports"])
     import_modules(data.get("imports", []), "config", "imports", allow=allow_imports)
     for table in NESTED_FIELDS:
+        if table == "compressor" and isinstance(data.get(table), str):
+            continue  # a spec string, e.g. compressor = "powersgd:rank=2"
         if table in data and not isinstance(data[table], Mapping):
-            raise invalid("config", table, data[table], "a table (TOML [section] or JSON object)")
+            raise invalid("config", table, data[table], "a table (TOML [section] or JSON object)"
+                          + (' or a spec string such as "powersgd:rank=2"' if table == "compressor" else ""))
     values = dict(data)
     values.pop("imports", None)
     sweep = values.pop("sweep", {})
@@ -115,6 +120,8 @@ def parse_sweep(sweep: Any, experiment: Experiment) -> tuple[dict[str, list[Any]
     for key, values in grid.items():
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
             raise invalid("config.sweep.grid", key, values, "a non-empty list of values")
+    check_compressor_grid("config.sweep.grid", experiment, grid)
+    for key, values in grid.items():
         for value in values:  # each grid point must make a valid Experiment: fail before any run starts
             experiment.with_overrides({key: value})
         check_distinct("config.sweep.grid", key, values)
@@ -126,6 +133,38 @@ def parse_sweep(sweep: Any, experiment: Experiment) -> tuple[dict[str, list[Any]
     if seeds and "seed" in grid:
         raise invalid("config.sweep", "seeds", list(seeds), "absent when the grid sweeps 'seed' (give seeds once)")
     return {k: list(v) for k, v in grid.items()}, tuple(seeds)
+
+
+GRID_SPECS_HINT = ("whole compressors instead, each with its own options, e.g. --grid "
+                   "compressor=identity,powersgd:rank=1,powersgd:rank=2 (in a file: \"compressor\" = "
+                   "[\"identity\", \"powersgd:rank=2\"]; in Python: grid={\"compressor\": [\"identity\", "
+                   "\"powersgd:rank=2\"]})")
+
+
+def check_compressor_grid(owner: str, base: Experiment, grid: Mapping[str, Sequence[Any]]) -> None:
+    """A compressor option in a grid applies to every compressor of that grid, or the grid is refused: an option
+    is never silently dropped, nor given to a compressor that does not take it. Whole compressors ("compressor":
+    specs) carry their own options, so they combine with no "compressor.<option>" key."""
+    options = [k for k in grid if k.startswith("compressor.") and k != "compressor.name"]
+    if "compressor" in grid:
+        for key in options + (["compressor.name"] if "compressor.name" in grid else []):
+            raise invalid(owner, key, list(grid[key]), "absent when the grid names whole compressors ('compressor'): "
+                          "put the option into each spec, e.g. powersgd:rank=2:warm_start=false")
+        return
+    if "compressor.name" not in grid:
+        return
+    for name in grid["compressor.name"]:
+        accepted = compressors.options_of(name)  # an unknown name raises, naming it
+        for key in options:
+            if key.removeprefix("compressor.") not in accepted:
+                raise invalid(owner, key, list(grid[key]), f"options that every compressor of the grid takes; "
+                              f"{name!r} does not take {key.removeprefix('compressor.')!r} (its options: "
+                              f"{', '.join(accepted) or 'none'}); grid " + GRID_SPECS_HINT)
+        for option, value in base.compressor.items():
+            if option != "name" and f"compressor.{option}" not in grid and option not in accepted:
+                raise invalid(owner, "compressor.name", list(grid["compressor.name"]),
+                              f"compressors that take the base compressor's option {option}={value!r} ({name!r} "
+                              "does not); grid " + GRID_SPECS_HINT)
 
 
 def check_distinct(owner: str, field: str, values: Sequence[Any]) -> None:
@@ -172,13 +211,16 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None, *,
 
 def apply_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """{"compressor.rank": 4} sets data["compressor"]["rank"]; only compressor., task_options. and
-    optimizer_options. nest."""
+    optimizer_options. nest. {"compressor": "powersgd:rank=2"} (a spec, ``compressors.spec``) replaces the
+    whole compressor."""
     out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
         if not rest:
             out[head] = value
         elif head in NESTED_FIELDS:
+            if head == "compressor" and isinstance(out.get(head), str):  # a spec string gets options added
+                out[head] = parse_spec(out[head], "config", "compressor")
             nested = out.setdefault(head, {} if head == "task_options" else {"name": "identity"})
             if not isinstance(nested, dict):
                 raise invalid("config", head, nested, "a table (TOML [section] or JSON object)")
@@ -193,14 +235,20 @@ def load_experiment(path: str | Path) -> Experiment:
 
 
 def parse_value(text: str) -> Any:
-    """A command-line value: true/false -> bool, none/null -> None, [..] -> a JSON list, then int, then float,
-    else the string."""
+    """A command-line value: true/false -> bool, none/null -> None, [..] -> a JSON list, {..} -> a JSON object,
+    then int, then float, else the string."""
     lowered = text.strip().lower()
     if lowered.startswith("["):
         try:
             return loads_json(text)
         except ValueError:
             raise ValueError(f"command line: {text!r} is invalid; allowed: a JSON list such as [64, 64]") from None
+    if lowered.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError(f"command line: {text!r} is invalid; allowed: a JSON object such as "
+                             '{"name": "powersgd", "rank": 2}') from None
     if lowered in ("true", "false"):
         return lowered == "true"
     if lowered in ("none", "null"):
@@ -218,16 +266,18 @@ def parse_assignment(text: str, many: bool) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip() or not raw.strip():
         raise ValueError(f"command line: {text!r} is invalid; allowed: KEY=VALUE" + (",VALUE..." if many else ""))
+    if many and key.strip() == "compressor":  # compressor specs: "identity,powersgd:rank=2,warm_start=false"
+        return key.strip(), [parse_value(v) if v.startswith("{") else v for v in split_specs(raw)]
     if many:
         return key.strip(), [parse_value(v) for v in split_top_level(raw)]
     return key.strip(), parse_value(raw)
 
 
 def split_top_level(text: str) -> list[str]:
-    """Split on commas outside brackets: "1,[2,3],4" -> ["1", "[2,3]", "4"]."""
+    """Split on commas outside brackets and braces: "1,[2,3],4" -> ["1", "[2,3]", "4"]."""
     parts, depth, current = [], 0, ""
     for char in text:
-        depth += (char == "[") - (char == "]")
+        depth += (char in "[{") - (char in "]}")
         if char == "," and depth == 0:
             parts.append(current)
             current = ""

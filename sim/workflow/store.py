@@ -38,6 +38,7 @@ except ImportError:  # not POSIX: no advisory locks (one sweep per directory is 
     fcntl = None
 
 from compressors.serialization import loads_json
+from compressors.spec import spec_label
 from ..checkpoint_schema import LATER_FIELDS
 from ..experiment import Experiment, NESTED_FIELDS
 from ..tasks import TASK_REGISTRY
@@ -72,14 +73,15 @@ def run_id(experiment: Experiment) -> str:
 
 
 def label(overrides: Mapping[str, Any], experiment: Experiment, dense: bool = False) -> str:
-    """A configuration's name without its seed: the grid point ("rank=2, warm_start=False"), or the compressor;
+    """A configuration's name without its seed: the grid point ("rank=2, warm_start=False"; a grid over whole
+    compressors gives their specs: "identity", "powersgd(rank=2)"), or the compressor;
     " (dense)" appended when ``dense``: the configuration sends at least the dense bits (``compressors.degenerate``)."""
     suffix = " (dense)" if dense else ""
     point = {k: v for k, v in overrides.items() if k != "seed"}
-    if point:
-        return ", ".join(f"{k.removeprefix('compressor.')}={v}" for k, v in point.items()) + suffix
-    options = ", ".join(f"{k}={v}" for k, v in experiment.compressor.items() if k != "name")
-    return (f"{experiment.compressor['name']}({options})" if options else str(experiment.compressor["name"])) + suffix
+    if point:  # a whole compressor is named by its spec: "powersgd(rank=2)"
+        return ", ".join(spec_label(v) if k == "compressor" else f"{k.removeprefix('compressor.')}={v}"
+                         for k, v in point.items()) + suffix
+    return spec_label(experiment.compressor) + suffix
 
 
 def sends_dense(result) -> bool:
@@ -249,8 +251,24 @@ def read_history(folder: Path) -> pd.DataFrame | None:
 
 
 # -- reading --------------------------------------------------------------------------------------------------
-def load_results(root: str | Path, run_ids: Sequence[str] | None = None) -> pd.DataFrame:
-    """Every complete run under ``root`` (or only ``run_ids``, in that order) as one tidy DataFrame.
+def run_folders(roots: Sequence[Path], run_ids: Sequence[str] | None) -> list[Path]:
+    """The run folders of every root (a run found in several, e.g. two overlapping slices, once), or the
+    folders of ``run_ids`` (each from the first root that has it)."""
+    if run_ids is not None:
+        return [next((r / "runs" / i for r in roots if (r / "runs" / i).is_dir()), roots[0] / "runs" / i)
+                for i in run_ids]
+    found: dict[str, Path] = {}
+    for directory in roots:
+        for folder in sorted((directory / "runs").glob("*")):
+            if folder.is_dir() and not folder.name.startswith(".") and read_record(folder) is not None:
+                found.setdefault(folder.name, folder)
+    return list(found.values())
+
+
+def load_results(root: str | Path | Sequence[str | Path], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """Every complete run under ``root`` (or only ``run_ids``, in that order) as one tidy DataFrame. ``root``
+    may be a list of results directories (e.g. one per slice of a sweep, ``--shard i/n``): their runs are
+    merged in sweep order.
 
     Columns: the history's (step, lr, train_loss, test_loss, test_accuracy, bits, ...), then one column per
     grid key of any loaded run (its value from that run's config, so runs outside a sweep get it too; named
@@ -259,14 +277,14 @@ def load_results(root: str | Path, run_ids: Sequence[str] | None = None) -> pd.D
     position in the sweep that produced them, then by id. Incomplete runs (no valid record or history) are
     ignored.
     """
-    runs = Path(root) / "runs"
-    if not Path(root).is_dir():
-        raise ValueError(f"load_results: {str(root)!r} is not a directory (a results folder from "
-                         f"`python -m sim sweep ... --out DIR` or sim.workflow.store.sweep_to_dir)")
-    if run_ids is None:
-        folders = sorted(p for p in runs.glob("*") if p.is_dir() and not p.name.startswith("."))
-    else:
-        folders = [runs / r for r in run_ids]
+    roots = [Path(r) for r in root] if isinstance(root, (list, tuple)) else [Path(root)]
+    if not roots:
+        raise ValueError("load_results: root=[] is invalid; allowed: a results directory or a list of them")
+    for directory in roots:
+        if not directory.is_dir():
+            raise ValueError(f"load_results: {str(directory)!r} is not a directory (a results folder from "
+                             f"`python -m sim sweep ... --out DIR` or sim.workflow.store.sweep_to_dir)")
+    folders = run_folders(roots, run_ids)
     loaded = []
     for folder in folders:
         record = read_record(folder)
@@ -284,7 +302,8 @@ def load_results(root: str | Path, run_ids: Sequence[str] | None = None) -> pd.D
     for record, history in loaded:
         flat = flatten(record["config"])
         for key in keys:
-            history[grid_column(key, history_columns)] = [flat.get(key)] * len(history)
+            value = spec_label(record["config"]["compressor"]) if key == "compressor" else flat.get(key)
+            history[grid_column(key, history_columns)] = [value] * len(history)
         history["seed"] = record["seed"]
         history["run"] = record["label"]
         history["run_id"] = record["run_id"]
