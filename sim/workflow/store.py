@@ -302,7 +302,7 @@ def load_results(root: str | Path | Sequence[str | Path], run_ids: Sequence[str]
     for record, history in loaded:
         flat = flatten(record["config"])
         for key in keys:
-            value = spec_label(record["config"]["compressor"]) if key == "compressor" else flat.get(key)
+            value = dict(record["config"]["compressor"]) if key == "compressor" else flat.get(key)
             history[grid_column(key, history_columns)] = [value] * len(history)
         history["seed"] = record["seed"]
         history["run"] = record["label"]

@@ -93,9 +93,10 @@ def sweep(base: Experiment, grid: Mapping[str, Sequence[Any]] | None = None, see
     else:
         histories = run_all(jobs, progress, processes)
     tables = []
-    for (point, seed, _), history in zip(experiments, histories):
+    for (point, seed, experiment), history in zip(experiments, histories):
         for key, value in point.items():
-            shown = spec_label(value) if key == "compressor" else value
+            # a gridded compressor (a spec string or a table) is shown as the table it builds, as load_results does
+            shown = dict(experiment.compressor) if key == "compressor" else value
             history[grid_column(key, history.columns)] = [shown] * len(history)
         history["seed"] = point.get("seed", seed)  # a grid over "seed" names the seed itself
         history["run"] = run_label(point) + (" (dense)" if history.attrs.get("dense") else "")  # >= the dense bits
