@@ -1,4 +1,6 @@
-"""Shared helpers for the notebooks: smoke/full sizing, a recording aggregator proxy, and seed-band plots.
+"""Shared helpers for the notebooks: smoke/full sizing, a recording aggregator proxy, seed-band plots, and the
+reproducibility record of docs/protocol.md (the environment, the rounding spread, what an interval supports
+beyond it) with a pool that runs labelled experiments of many configurations at once.
 
 ``SMOKE=1`` in the environment shrinks every notebook so ``tests/test_notebooks.py`` can execute it top to
 bottom in well under a minute; without it the notebooks run their full (still modest) versions.
