@@ -1,7 +1,8 @@
 """One simulated step: ``Simulation`` (the pieces of a run built from an Experiment) and ``TrainState``.
 
 One step: each worker's batch -> per-worker gradients (W, *shape) -> non-finite check -> aggregator (through
-``comm``, which records every collective) -> SGD on the shared parameters -> metrics. Everything the loop
+``comm``, which records every collective) -> optional clipping of the aggregated update (clip_grad_norm) ->
+the optimizer on the shared parameters -> metrics. Everything the loop
 carries is in ``TrainState``, so a checkpoint is that record and a resumed run continues bitwise.
 
 The same step runs on real processes: ``comm`` is then a torch.distributed collective and ``local_workers``

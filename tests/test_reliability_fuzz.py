@@ -60,6 +60,8 @@ VALID = {
     "eval_every": small_int(0, 3), "log_every": small_int(1, 3), "engine": st.sampled_from(["auto", "vmap", "loop"]),
     "dtype": st.sampled_from(["float32", "float64"]), "nonfinite": st.sampled_from(["raise", "skip_step"]),
     "keep_ledger": st.booleans(),
+    "weight_decay_exclude": st.lists(st.sampled_from(["*bias", "*norm*", "weight", "0.*"]), max_size=2),
+    "clip_grad_norm": st.one_of(st.none(), positive_float), "validation_fraction": st.floats(0.0, 0.9),
     "network": st.one_of(st.none(), st.sampled_from(sorted(PRESETS)),
                          st.fixed_dictionaries({"alpha": st.floats(0, 1e-3), "bandwidth": st.floats(1e6, 1e12)})),
 }
@@ -201,8 +203,8 @@ def check_config(config) -> str:
             return "accepted"
         try:
             simulation = sim.Simulation(experiment)
-        except ValueError as error:  # only what needs the data: more workers than samples
-            assert "workers=" in str(error), error
+        except ValueError as error:  # only what needs the data: more workers than samples, an empty validation split
+            assert "workers=" in str(error) or "validation_fraction=" in str(error), error
             return "rejected"
         state, metrics = simulation.step(simulation.initial_state())
         assert math.isfinite(metrics["train_loss"]), (config, metrics)

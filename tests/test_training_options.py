@@ -2,6 +2,7 @@
 against a torch training loop, resumed bitwise, from config files and --set, on real processes."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -10,10 +11,11 @@ from torch.optim import lr_scheduler
 
 import sim
 from reference import assert_resume_is_bitwise, run_interrupted
-from sim.checkpoint_schema import experiment_differences
+from sim.checkpoint_schema import LATER_FIELDS, experiment_differences
 from sim.cli.main import main
 from sim.simulation import Simulation
 from sim.workflow.config import apply_overrides, from_mapping, load_config, parse_assignment, read_mapping
+from sim.workflow.store import RECORD, ResultsStore, run_id
 
 OPTIONS = dict(lr_schedule="cosine", lr_warmup_steps=3, weight_decay=0.05, weight_decay_exclude=["*bias"],
                clip_grad_norm=0.5, validation_fraction=0.2)
@@ -86,6 +88,22 @@ def test_a_file_written_before_these_fields_existed_means_their_defaults():
     assert "lr_schedule" in experiment_differences(saved, e.replace(lr_schedule="cosine"))
     missing_task = {k: v for k, v in e.to_dict().items() if k != "task"}
     assert "task" in experiment_differences(missing_task, e)  # only fields added later default when absent
+
+
+def test_a_results_store_keeps_the_ids_and_records_of_runs_stored_before_these_fields(tmp_path):
+    e = sim.Experiment(task="synthetic-lowrank", workers=2, steps=2, batch_size=4,
+                       task_options={"dim_in": 6, "dim_out": 4, "samples": 32, "test_samples": 8})
+    store = ResultsStore(tmp_path)
+    folder = store.write(e, sim.run(e))
+    record = json.loads((folder / RECORD).read_text())
+    assert record["config"]["lr_schedule"] == "step"  # the record holds every field...
+    before = {k: v for k, v in record["config"].items() if k not in LATER_FIELDS}
+    # ...but the id hashes the config as it was before the fields existed, so older folders are found again
+    assert folder.name.endswith(hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:12])
+    (folder / RECORD).write_text(json.dumps({**record, "config": before}))  # a record written back then
+    assert store.is_complete(e)
+    assert len({run_id(e), run_id(e.replace(clip_grad_norm=1.0)), run_id(e.replace(validation_fraction=0.5)),
+                run_id(e.replace(lr_schedule="cosine"))}) == 4
 
 
 TOML = """

@@ -35,7 +35,8 @@ def optimizers() -> list[dict[str, Any]]:
     import dataclasses
 
     defaults = {f.name: f.default for f in dataclasses.fields(Experiment)}
-    shared = ["lr", "weight_decay", "lr_warmup_steps", "lr_milestones", "lr_decay"]
+    shared = ["lr", "weight_decay", "weight_decay_exclude", "lr_warmup_steps", "lr_schedule", "lr_milestones",
+              "lr_decay", "lr_poly_power", "clip_grad_norm"]
     fields = {name: shared + (["momentum", "nesterov"] if name == "sgd" else []) for name in OPTIMIZER_OPTIONS}
     return [{"name": name, "options": dict(options), "experiment_fields": {k: defaults[k] for k in fields[name]}}
             for name, options in OPTIMIZER_OPTIONS.items()]

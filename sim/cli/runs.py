@@ -95,7 +95,7 @@ def _print_summary(table, out: Path) -> None:
     """Last logged value of the main metrics per configuration, mean over seeds."""
     if table.empty:
         return
-    metrics = [c for c in ("test_accuracy", "test_perplexity", "test_loss", "bits") if c in table]
+    metrics = [c for c in ("val_accuracy", "test_accuracy", "test_perplexity", "test_loss", "bits") if c in table]
     last = table.groupby(["run", "seed"], sort=False)[metrics].agg(lambda s: s.dropna().iloc[-1] if
                                                                    s.notna().any() else float("nan"))
     summary = last.groupby(level="run", sort=False).mean()

@@ -6,8 +6,8 @@
     logger.close()
 
 Every step's metrics (``simulation.last_metrics``: train_loss, lr, bits, compression_error, memory_norm,
-sim_time, and test_loss/test_accuracy on evaluated steps) become scalars tagged ``train/...``, ``test/...`` and
-``comm/...``, at the step number; NaN values (metrics not measured at that step) are left out. The experiment's
+sim_time, update_norm, and test_loss/test_accuracy and val_loss/val_accuracy on evaluated steps) become scalars
+tagged ``train/...``, ``test/...``, ``validation/...`` and ``comm/...``, at the step number; NaN values (metrics not measured at that step) are left out. The experiment's
 configuration is written once as text, so a TensorBoard run says what produced it.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from compressors.options import check_int
 TAGS = {
     "train_loss": "train/loss", "lr": "train/lr", "skipped_steps": "train/skipped_steps",
     "test_loss": "test/loss", "test_accuracy": "test/accuracy",
+    "val_loss": "validation/loss", "val_accuracy": "validation/accuracy", "update_norm": "train/update_norm",
     "bits": "comm/bits_per_worker", "compression_error": "comm/compression_error",
     "memory_norm": "comm/memory_norm", "sim_time": "comm/sim_time_seconds",
 }

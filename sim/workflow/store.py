@@ -5,8 +5,8 @@ Layout::
     DIR/runs/<run_id>/history.csv   the run's history, one row per logged step (tidy: one column per metric)
     DIR/runs/<run_id>/record.json   config, seed, grid point, package versions, git commit, summary
 
-``run_id`` is a readable prefix plus a hash of the full experiment (seed included), so the same experiment
-always lands in the same folder. Both files are written atomically (temporary file + rename), history first;
+``run_id`` is a readable prefix plus a hash of the full experiment (seed included; Experiment fields added
+later count only when they differ from their default), so the same experiment always lands in the same folder. Both files are written atomically (temporary file + rename), history first;
 ``record.json`` is the completion marker (a record that is not JSON, or JSON of another shape, or a history
 that is not a readable table, marks the run incomplete, never an error). A killed sweep started again finds
 every run whose record exists and matches its config, skips it, and redoes the rest: the final table is row
@@ -30,6 +30,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..checkpoint_schema import LATER_FIELDS
 from ..experiment import Experiment, NESTED_FIELDS
 from ..tasks import TASK_REGISTRY
 from .io import write_atomically, write_text_atomically
@@ -45,8 +46,17 @@ def canonical_config(experiment: Experiment) -> dict[str, Any]:
     return json.loads(json.dumps(experiment.to_dict(), sort_keys=True, default=str))
 
 
+def identity(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A canonical config without the Experiment fields added later (``LATER_FIELDS``) that hold their default:
+    a run keeps the id and the completeness it had before those fields existed (the record of a run written
+    then lacks them, and it behaved as their defaults)."""
+    defaults = json.loads(json.dumps(LATER_FIELDS, default=str))
+    return {k: v for k, v in config.items() if not (k in defaults and v == defaults[k])}
+
+
 def run_id(experiment: Experiment) -> str:
-    digest = hashlib.sha256(json.dumps(canonical_config(experiment), sort_keys=True).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(json.dumps(identity(canonical_config(experiment)), sort_keys=True).encode()
+                            ).hexdigest()[:12]
     name = str(experiment.compressor.get("name", "run")).replace("/", "_")
     return f"{experiment.task}-{name}-seed{experiment.seed}-{digest}"
 
@@ -130,7 +140,7 @@ class ResultsStore:
     def is_complete(self, experiment: Experiment) -> bool:
         folder = self.folder(experiment)
         record = read_record(folder)
-        return (record is not None and record["config"] == canonical_config(experiment)
+        return (record is not None and identity(record["config"]) == identity(canonical_config(experiment))
                 and read_history(folder) is not None)
 
     def write(self, experiment: Experiment, result, overrides: Mapping[str, Any] | None = None,
@@ -161,7 +171,8 @@ def summary(result, history: pd.DataFrame) -> dict[str, Any]:
     out = {"rows": len(history), "wall_seconds": round(result.wall_seconds, 3),
            "bits_per_step": result.bits_per_step, "dense_bits_per_step": result.dense_bits_per_step,
            "compression_ratio": result.compression_ratio}
-    for column in ("train_loss", "test_loss", "test_accuracy", "test_perplexity", "bits", "sim_time"):
+    for column in ("train_loss", "test_loss", "test_accuracy", "test_perplexity", "val_loss", "val_accuracy", "bits",
+                   "sim_time"):
         if column in history:
             values = history[column].dropna()
             out[f"final_{column}"] = float(values.iloc[-1]) if len(values) else None
