@@ -1,4 +1,6 @@
-"""Shared helpers for the notebooks: smoke/full sizing, a recording aggregator proxy, and seed-band plots.
+"""Shared helpers for the notebooks: smoke/full sizing, a recording aggregator proxy, seed-band plots, and the
+reproducibility record of docs/protocol.md (the environment, the rounding spread, what an interval supports
+beyond it) with a pool that runs labelled experiments of many configurations at once.
 
 ``SMOKE=1`` in the environment shrinks every notebook so ``tests/test_notebooks.py`` can execute it top to
 bottom in well under a minute; without it the notebooks run their full (still modest) versions.
@@ -129,3 +131,107 @@ def map_in_processes(function: Callable, calls: Sequence[tuple], processes: int)
 
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(function, *zip(*calls)))
+
+
+# -- reproducibility: the environment, and the spread that rounding alone causes (docs/protocol.md, section 5) --
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def record_environment(processes: int | None = None) -> pd.Series:
+    """Prints and returns what a rerun elsewhere needs to compare against: Python, NumPy, pandas and torch
+    versions, the CPU model, the cores, this process's torch threads and (``processes``) how many runs run at a
+    time (each of those on one torch thread, as ``sim.sweep`` does)."""
+    import platform
+
+    import numpy
+
+    record = {"python": platform.python_version(), "numpy": numpy.__version__, "pandas": pd.__version__,
+              "torch": torch.__version__, "cpu": cpu_model(), "cores": os.cpu_count(),
+              "torch threads (this process)": torch.get_num_threads()}
+    if processes is not None:
+        record["runs at a time (1 torch thread each)"] = processes
+    series = pd.Series(record, name="environment", dtype=object)
+    print("\n".join(f"{key:>38}: {value}" for key, value in record.items()))
+    return series
+
+
+def other_summation_order(experiment):
+    """``experiment`` with the other gradient engine: the same mathematics with other floating-point reductions
+    (vmap computes every worker's gradient in one batched call, the loop one worker at a time). The torch thread
+    count is no substitute: on these small matrices it leaves CPU results bitwise unchanged."""
+    import sim
+
+    engine = sim.engine.resolve_engine(experiment.engine, sim.Simulation(experiment).model)
+    return experiment.replace(engine="loop" if engine == "vmap" else "vmap")
+
+
+def final_values(table: pd.DataFrame, metric: str = "test_accuracy", by: str = "label") -> pd.Series:
+    """The final (last logged, non-NaN) ``metric`` of every run of a tidy table, indexed by (``by``, seed)."""
+    rows = table.dropna(subset=[metric]).sort_values("step")
+    return rows.groupby([by, "seed"])[metric].last()
+
+
+def rounding_spread(original: pd.DataFrame, rerun: pd.DataFrame, metric: str = "test_accuracy",
+                    by: str = "label") -> pd.DataFrame:
+    """One row per run present in both tables (same ``by`` and seed): its final ``metric`` in ``original``, in
+    ``rerun`` (the same experiment under another summation order, ``other_summation_order``), their absolute
+    difference, and whether the two trajectories differ at all (``train_loss`` at some step). ``attrs["spread"]``:
+    the largest absolute difference, the run-to-run spread that rounding alone causes."""
+    before, after = final_values(original, metric, by), final_values(rerun, metric, by)
+    runs = after.index.intersection(before.index)
+    if len(runs) == 0:
+        raise ValueError("rounding_spread: the rerun table shares no (configuration, seed) run with the original")
+    rows = []
+    for key in runs:
+        one = original[(original[by] == key[0]) & (original["seed"] == key[1])].set_index("step")["train_loss"]
+        two = rerun[(rerun[by] == key[0]) & (rerun["seed"] == key[1])].set_index("step")["train_loss"]
+        rows.append({by: key[0], "seed": key[1], "original": before[key], "rerun": after[key],
+                     "abs_diff": abs(after[key] - before[key]),
+                     "trajectory differs": not one.equals(two.reindex(one.index))})
+    table = pd.DataFrame(rows)
+    table.attrs.update(spread=float(table["abs_diff"].max()), metric=metric)
+    return table
+
+
+def margin_status(ci_low: float, ci_high: float, spread: float, margin: float | None = None) -> str:
+    """What a paired interval supports once the rounding spread is taken off (docs/protocol.md, section 5):
+    "above 0" / "below 0" when it is clear of 0 by more than ``spread``, "within the margin" when it lies inside
+    [-(margin - spread), margin - spread] (only with ``margin``), else "too close to call"."""
+    if not (math.isfinite(ci_low) and math.isfinite(ci_high)):
+        return "too close to call"
+    if ci_low > spread:
+        return "above 0"
+    if ci_high < -spread:
+        return "below 0"
+    if margin is not None and -(margin - spread) <= ci_low and ci_high <= margin - spread:
+        return "within the margin"
+    return "too close to call"
+
+
+def run_labelled(runs: Sequence[tuple[str, int, Any]], processes: int = 1) -> pd.DataFrame:
+    """Every ``(label, seed, experiment)`` run (the experiment carries its seed) in one pool of ``processes``
+    worker processes (one torch thread each, as ``sim.sweep``), so that runs of different configurations and
+    learning rates share the cores without idle slots between sweeps; the tidy table (every run's history with
+    ``label``, ``seed``, ``base_lr`` and ``run``: the run's index in ``runs``), in the order given. Give the
+    longest runs first."""
+    from sim.workflow.sweep import run_all
+
+    for label, seed, experiment in runs:
+        if experiment.seed != seed:
+            raise ValueError(f"run_labelled: run {label!r} has seed {seed} but its experiment seed={experiment.seed}")
+    histories = run_all([experiment for _, _, experiment in runs], progress=False, processes=processes)
+    tables = [history.assign(label=label, seed=seed, base_lr=experiment.lr, run=index)
+              for index, ((label, seed, experiment), history) in enumerate(zip(runs, histories))]
+    return pd.concat(tables, ignore_index=True)
