@@ -8,7 +8,7 @@ from .options import MAX_SEED, check_bool, check_choice, check_float, check_int,
 from .orthogonalize import ORTHOGONALIZATIONS
 from .policies import compose
 from .powersgd import PowerSGDKernel, VARIANTS
-from .ranks.adaptive import parse_adaptive
+from .ranks.adaptive import AccordionLayers, parse_adaptive
 from .ranks.control import RankControl, RankedPowerSGD
 from .ranks.layers import LayerRanks, parse_layer_ranks, parse_rank_allocation
 from .ranks.schedule import parse_rank_schedule
@@ -46,7 +46,8 @@ def make_powersgd(*, rank: int = DEFAULT_RANK, num_iters_per_step: int = 1, warm
     (``rank=1``, the smallest: give the rank you mean, e.g. ``make("powersgd", rank=2)``).
 
     Ranks over time and layers (docs/rank_schedules.md): ``rank_schedule=[[0, 4], [100, 2], ...]`` (first step,
-    rank) phases; ``adaptive={"rule": "accordion", ...}``; ``rank_allocation={"rule": "spectral", ...}`` (one
+    rank) phases; ``adaptive={"rule": "accordion", ...}`` (per layer, from
+    the workers' gradients, high rank after lr decays) or ``{"rule": "accordion-global", ...}``; ``rank_allocation={"rule": "spectral", ...}`` (one
     bit budget over layers); ``layer_ranks={"conv*": 2, ...}`` (name patterns; unmatched tensors use ``rank``).
     At most one of rank_schedule/adaptive/rank_allocation, which then decides every rank: giving ``rank`` or
     ``layer_ranks`` with it is refused (ValueError) rather than silently overridden.
@@ -86,7 +87,8 @@ def make_powersgd(*, rank: int = DEFAULT_RANK, num_iters_per_step: int = 1, warm
         capacity = max(r for _, r in schedule)
     elif adaptive is not None:
         adaptive_rule = parse_adaptive(owner, adaptive)
-        capacity = adaptive_rule.high_rank
+        # per-layer Accordion: one group per tensor, so that a layer's factors keep their key whatever the others do
+        capacity, separate = adaptive_rule.high_rank, isinstance(adaptive_rule, AccordionLayers)
     elif rank_allocation is not None:
         allocation = parse_rank_allocation(owner, rank_allocation)
         capacity, separate = allocation.max_rank, True

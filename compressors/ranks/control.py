@@ -26,7 +26,8 @@ from ..identity import Identity
 from ..policies import Partition, Warmup
 from ..powersgd import PowerSGDKernel, PowerSGDState
 from ..serialization import register_record
-from .adaptive import Accordion, init_state as init_accordion, observe as observe_accordion
+from .adaptive import (Accordion, AccordionLayers, AccordionLayersState, init_layers, init_state as init_accordion,
+                       observe as observe_accordion, observe_layers)
 from .layers import SpectralAllocation, init_allocation, observe_allocation
 from .schedule import Phase, rank_at, steps_in_phases
 
@@ -36,6 +37,14 @@ class RankControlState(NamedTuple):
     ranks: dict[str, int]  # {name: rank} of the last step (before the first step: those of step 0)
     rule: object  # AccordionState, AllocationState, or () for a schedule / fixed ranks
     kernel: PowerSGDState  # its ``step`` counts compressed steps (the schedule's clock); factors at capacity
+
+
+@register_record
+class LayerRuleState(NamedTuple):
+    """``RankedPowerSGD``'s state under a rule that observes the workers' own gradients (Accordion per layer)."""
+
+    stack: object  # the Warmup/Partition stack's state; its RankControlState.rule holds this step's {layer: rank}
+    rule: AccordionLayersState
 
 
 class RankControl(Aggregator):
@@ -48,7 +57,7 @@ class RankControl(Aggregator):
     name = "powersgd"
     all_reducible = True
 
-    def __init__(self, kernel: PowerSGDKernel, *, schedule=None, adaptive: Accordion | None = None,
+    def __init__(self, kernel: PowerSGDKernel, *, schedule=None, adaptive: Accordion | AccordionLayers | None = None,
                  allocation: SpectralAllocation | None = None):
         self.kernel = kernel
         self.schedule = schedule
@@ -64,6 +73,8 @@ class RankControl(Aggregator):
         if self.schedule is not None:
             r = rank_at(self.schedule, step)
             return {n: r for n in shapes}
+        if isinstance(self.adaptive, AccordionLayers):
+            return {n: rule_state[n] for n in shapes}  # decided by RankedPowerSGD from the workers' gradients
         if self.adaptive is not None:
             return {n: rule_state.rank for n in shapes}
         if self.allocation is not None:
@@ -82,6 +93,8 @@ class RankControl(Aggregator):
         return self.ranks_for(shapes, 0, ())
 
     def _init_rule(self, shapes, dtype, device):
+        if isinstance(self.adaptive, AccordionLayers):
+            return {n: self.adaptive.high_rank for n in shapes}
         if self.adaptive is not None:
             return init_accordion(self.adaptive, shapes, dtype, device)
         if self.allocation is not None:
@@ -89,6 +102,8 @@ class RankControl(Aggregator):
         return ()
 
     def _observe(self, rule_state, step, update, shapes, dtype):
+        if isinstance(self.adaptive, AccordionLayers):
+            return rule_state
         if self.adaptive is not None:
             return observe_accordion(self.adaptive, rule_state, step, update)
         if self.allocation is not None:
@@ -165,7 +180,7 @@ class RankControl(Aggregator):
         if not state.ranks:
             return {}
         out: dict[str, float] = {"rank": float(sum(state.ranks.values()) / len(state.ranks))}
-        if self.allocation is not None or self.kernel.layer_rank is not None:
+        if self.allocation is not None or self.kernel.layer_rank is not None or isinstance(self.adaptive, AccordionLayers):
             out.update({f"rank/{n}": float(r) for n, r in state.ranks.items()})
         return out
 
@@ -216,6 +231,11 @@ class RankedPowerSGD(Aggregator):
     The stack is Warmup(NamedPartition(ErrorFeedback(RankControl(kernel)))). A tensor is compressed iff it is
     a matrix and worth compressing (dense / sent > ``min_compression_rate``) at the largest rank it may take
     over the run: the split is fixed for the whole run.
+
+    Accordion per layer (``adaptive={"rule": "accordion", ...}``) observes each worker's own gradient before error
+    feedback, which only this outermost level sees: the state is then ``LayerRuleState(stack, rule)``; each step
+    the rule's ranks are written into the stack's ``RankControlState.rule``, the stack runs, and the rule
+    observes the compressed layers' gradients.
     """
 
     name = "powersgd"
@@ -238,11 +258,36 @@ class RankedPowerSGD(Aggregator):
         sent = kernel.bits_at_ranks({name: shape}, capacity, dtype=torch.float32)
         return sent == 0 or numel(shape) * 32 / sent > self.min_compression_rate
 
+    @property
+    def layer_rule(self) -> AccordionLayers | None:
+        adaptive = self.control.adaptive
+        return adaptive if isinstance(adaptive, AccordionLayers) else None
+
     def init(self, shapes, workers, seed=0, dtype=torch.float32, device="cpu"):
-        return self.stack.init(shapes, workers, seed, dtype=dtype, device=device)
+        stack = self.stack.init(shapes, workers, seed, dtype=dtype, device=device)
+        if self.layer_rule is None:
+            return stack
+        chosen, _ = self.partition.split(shapes)
+        return LayerRuleState(stack, init_layers(self.layer_rule, chosen, workers, dtype, device))
 
     def reduce(self, grads, state, comm, want_local=False):
-        return self.stack.reduce(grads, state, comm, want_local)
+        if self.layer_rule is None:
+            return self.stack.reduce(grads, state, comm, want_local)
+        stack = self._with_ranks(state.stack, state.rule.ranks)
+        reduced, stack = self.stack.reduce(grads, stack, comm, want_local)
+        observed = {n: grads[n] for n in state.rule.accumulated}  # the compressed layers: (k, *shape) each
+        return reduced, LayerRuleState(stack, observe_layers(self.layer_rule, state.rule, observed, comm))
+
+    def _with_ranks(self, stack, ranks: dict[str, int]):
+        """The stack's state with ``ranks`` as its RankControlState's rule state (Warmup > Partition > EF > control)."""
+        def into_partition(partition):
+            compressed = partition.compressed
+            if self.error_feedback == "none":
+                compressed = compressed._replace(rule=dict(ranks))
+            else:
+                compressed = compressed._replace(inner=compressed.inner._replace(rule=dict(ranks)))
+            return partition._replace(compressed=compressed)
+        return stack._replace(inner=into_partition(stack.inner)) if self.steps > 0 else into_partition(stack)
 
     def theory(self, shapes):
         return self.stack.theory(shapes)
@@ -281,6 +326,8 @@ class RankedPowerSGD(Aggregator):
 
     def metrics(self, state) -> dict[str, float]:
         """The ``rank`` history column (``RankControl.metrics``); NaN during a dense warm-up."""
+        if self.layer_rule is not None:
+            state = state.stack
         if self.steps > 0:
             if state.step <= self.steps:  # the last step taken (state.step - 1) was a dense one
                 return {"rank": math.nan}
