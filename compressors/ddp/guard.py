@@ -112,12 +112,14 @@ class FlagCollective:
         self._agree(rows[:, -1])
         return rows[:, :-1].reshape(rows.shape[0], *x.shape[1:])  # (W, *s)
 
-    def read(self, extra: torch.Tensor | None = None) -> tuple[bool, bool]:
-        """(any rank flagged a collective of this bucket, ``extra``): one transfer to the host."""
-        agreed = self.agreed if self.agreed is not None else torch.zeros((), dtype=torch.bool)
-        mine = extra if extra is not None else torch.zeros((), dtype=torch.bool)
-        both = torch.stack([agreed.to(mine.device), mine]).tolist()
-        return bool(both[0]), bool(both[1])
+    def read(self, extra: torch.Tensor | None = None) -> tuple[bool, bool, bool]:
+        """(any rank flagged a collective of this bucket, ``extra``, this rank's input was non-finite): one
+        transfer to the host."""
+        device = extra.device if extra is not None else torch.device("cpu")
+        no = torch.zeros((), dtype=torch.bool, device=device)
+        values = [self.agreed, extra, self.nonfinite]
+        both = torch.stack([no if v is None else v.to(device) for v in values]).tolist()
+        return bool(both[0]), bool(both[1]), bool(both[2])
 
     @property
     def unsent(self) -> str | None:

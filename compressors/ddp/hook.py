@@ -267,9 +267,10 @@ class HookState:
         """The bucket's result after the one host sync: NaN if any rank flagged it; a failure here that no
         collective carried rides on the next bucket (this rank returns NaN now); on the step's last bucket it
         cannot be agreed on any more and is raised."""
-        agreed, nonfinite = flags.read(result_bad)
+        agreed, nonfinite, bad_input = flags.read(result_bad)
         if agreed:
-            self.step_bad = f"bucket {bucket.index}: " + (flags.failure or "bad on another rank")
+            why = flags.failure or ("non-finite gradient" if bad_input else "bad on another rank")
+            self.step_bad = f"bucket {bucket.index}: {why}"
             return nan_like(bucket.buffer)
         if nonfinite:  # the same on every rank: a compressor's result is what every rank applies
             self.step_bad = f"bucket {bucket.index}: non-finite result"
