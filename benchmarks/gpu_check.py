@@ -158,7 +158,9 @@ def _hook_model(width: int, device: torch.device) -> nn.Module:
 class _WithUnused(nn.Module):
     def __init__(self, body: nn.Module, width: int):
         super().__init__()
-        self.body, self.unused = body, nn.Linear(width, 10)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            self.body, self.unused = body, nn.Linear(width, 10)
 
     def forward(self, x):
         return self.body(x)
@@ -197,7 +199,7 @@ def _hook_run(rank: int, device: torch.device, width: int, overlap: bool, nan_at
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(ddp(x), y).backward()
-        if all(bool(torch.isfinite(p.grad).all()) for p in model.parameters()):  # the skip-step guard
+        if all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters()):  # skip-step guard
             optimizer.step()
         else:
             skipped.append(step)
