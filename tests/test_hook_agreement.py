@@ -3,8 +3,6 @@ in a bucket skipping the whole step on every rank, the ranks' setup checked equa
 loaded state placed on the bucket's device (2 gloo processes, one spawn for every scenario)."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.distributed as dist

@@ -24,8 +24,9 @@ def test_all_finite_matches_the_elementwise_check(dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_nonfinite_flag_matches_the_elementwise_check_without_overflowing(dtype):
     big = torch.finfo(dtype).max  # a sum of these overflows; the flag must not call them non-finite
-    cases = [torch.zeros(7), torch.full((1000,), big), torch.full((1000,), -big), torch.tensor([1.0, float("nan")]),
-             torch.tensor([float("inf"), 1.0]), torch.tensor([1.0, float("-inf")]), torch.randn(513), torch.empty(0)]
+    cases = [torch.zeros(7), torch.full((1000,), big, dtype=dtype), torch.full((1000,), -big, dtype=dtype),
+             torch.tensor([1.0, float("nan")]), torch.tensor([float("inf"), 1.0]), torch.tensor([1.0, float("-inf")]),
+             torch.randn(513), torch.empty(0)]
     for x in cases:
         x = x.to(dtype)
         flag = nonfinite_flag(x)

@@ -16,8 +16,10 @@ the operation, never a silent hang. On gloo the wait is a timed ``work.wait`` (a
 so the timeout holds whatever the group's own timeout is. On NCCL ``work.wait()`` only makes the current
 stream wait for the collective, without blocking the host: a timed wait there would poll the work (about
 1 ms each) and abort the communicator when it expires, so the timeout is the process group's own (its
-watchdog; give the group the timeout you want, as the DDP hook does for its group). ``average_metric`` averages a python float over processes (diagnostics;
-no ledger record, so the ledger holds exactly what the algorithm sent, as in the simulator).
+watchdog; give the group the timeout you want, as the DDP hook does for its group).
+
+``average_metric`` averages a python float over processes (diagnostics; no ledger record, so the ledger holds
+exactly what the algorithm sent, as in the simulator).
 """
 from __future__ import annotations
 
