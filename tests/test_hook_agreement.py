@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import compressors
 from compressors.base import Aggregator
+from compressors.ddp.setup import describe
 from sim.real.distributed import spawn
 from tests.test_distributed_hook import TINY_BUCKETS_MB, _batch, _model
 
@@ -251,3 +252,13 @@ def _leaves(tree) -> list[torch.Tensor]:
     if hasattr(tree, "__dataclass_fields__"):
         return [t for f in tree.__dataclass_fields__ for t in _leaves(getattr(tree, f))]
     return []
+
+
+def test_the_configuration_description_tells_options_apart_and_nothing_else():
+    for name in sorted(compressors.REGISTRY):  # two builds with the same options describe alike
+        assert describe(compressors.make(name)) == describe(compressors.make(name)), name
+    base = describe(compressors.make("powersgd", rank=2))
+    for options in ({"rank": 1}, {"min_compression_rate": 3}, {"start_compressing_after_num_steps": 3},
+                    {"error_feedback": "averaged"}, {"warm_start": False}):
+        assert describe(compressors.make("powersgd", **{"rank": 2, **options})) != base, options
+    assert describe(torch.device("cuda", 0)) == describe(torch.device("cuda", 1))  # each rank has its own GPU

@@ -37,11 +37,14 @@ def own_group(process_group, timeout: float):
 
 def describe(value: Any, depth: int = 0) -> str:
     """A canonical description of a compressor's configuration: its classes, their options (nested, closures
-    of its rules included), never object addresses. Equal options give equal text on every process."""
+    of its rules included), never object addresses nor GPU indices. Equal options give equal text on every
+    process."""
     if depth > 8:
         return "..."
-    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
         return repr(value)
+    if isinstance(value, torch.device):  # the type only: each rank has its own GPU index
+        return f"device({value.type!r})"
     if isinstance(value, torch.Tensor):
         return f"tensor({list(value.shape)}, {value.dtype}, {value.double().sum().item() if value.numel() else 0})"
     if isinstance(value, (list, tuple)):
