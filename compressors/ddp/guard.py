@@ -12,8 +12,9 @@ Policy (per bucket, on every rank):
    compressor's collectives depend only on the shapes and the (old) state, never on the values, so a rank
    with non-finite gradients issues exactly what its peers issue and needs no substitution.
 3. A failure after the bucket's last collective (the result's assembly, its size check) is flagged on the
-   next bucket's collectives; the result's finiteness needs no agreement: a compressor's result is the same
-   on every rank (it is what every rank applies).
+   next bucket's collectives (this rank returns NaN at once); on the step's last bucket no collective follows
+   and the hook raises it. The result's finiteness needs no agreement: a compressor's result is the same on
+   every rank (it is what every rank applies).
 
 If any rank is bad, every rank returns a NaN bucket and keeps its old compressor state. A failure of the
 network itself (``CollectiveError``: a peer died or hung) is not replayed: it propagates.
