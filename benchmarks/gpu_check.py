@@ -16,8 +16,12 @@ Three sections, each a table (and flat keys in the returned dict):
    bucket, in a process group (NCCL on CUDA), rank 2, error feedback, warm start; the faster torch batching setting.
 3. ``compressors.ddp_comm_hook`` under DDP on NCCL, world size 1 and, where two GPUs exist, 2 (the fallback:
    2 gloo processes; section 2 runs in the first of these process groups): an MLP with several buckets,
-   8 steps overlapped and synchronous (must agree bitwise), a NaN batch on rank 0 at step 4 (must be skipped
-   on every rank, the run going on finite), and the step time.
+   8 steps overlapped and synchronous (must agree bitwise: the synchronous future is CUDA-aware), a NaN batch
+   on rank 0 at step 4 (must be skipped on every rank, the run going on finite), and the step time. Also:
+   the hook's collectives run on a process group of its own (same backend); with ``find_unused_parameters``
+   (DDP's own collectives on its group) overlapped and synchronous still agree bitwise; a state saved after
+   4 steps and loaded (on the CPU) resumes on the device exactly; a sparse embedding's bucket gets the exact
+   dense mean (against the mean of every rank's gradient, all-reduced by hand).
 
 CUDA timings synchronise the device around every timed call. The fallback uses small sizes (W = 2, B = 1,
 a few small shapes) and only checks that everything runs and agrees; its timings mean nothing.
@@ -151,19 +155,43 @@ def _hook_model(width: int, device: torch.device) -> nn.Module:
     return model.to(device)
 
 
-def _hook_run(rank: int, device: torch.device, width: int, overlap: bool, nan_at: int | None, steps: int = 8):
+class _WithUnused(nn.Module):
+    def __init__(self, body: nn.Module, width: int):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            self.body, self.unused = body, nn.Linear(width, 10)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _hook_run(rank: int, device: torch.device, width: int, overlap: bool, nan_at: int | None, steps: int = 8,
+              find_unused: bool = False, first: int = 0, saved: dict | None = None):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = _hook_model(width, device)
+    if find_unused:
+        model = _WithUnused(model, width).to(device)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
     layer_mb = width * width * 4 / 2**20
     cap = 1.5 * layer_mb if layer_mb >= 1 else 0.0005  # several buckets: 1.5 layers, or one per tensor when small
-    ddp = DDP(model, bucket_cap_mb=cap, device_ids=[device] if device.type == "cuda" else None)
+    ddp = DDP(model, bucket_cap_mb=cap, device_ids=[device] if device.type == "cuda" else None,
+              find_unused_parameters=find_unused)
     state, hook = compressors.ddp_comm_hook("powersgd", rank=2, model=model, overlap=overlap)
+    if saved is not None:
+        state.load_state_dict(saved["hook"])
     ddp.register_comm_hook(state, hook)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
     generator = torch.Generator().manual_seed(rank)
     skipped, times = [], []
-    for step in range(steps):
+    for step in range(first + steps):
+        if step < first:  # the same batches as a run from step 0
+            torch.randn(32, width, generator=generator), torch.randint(0, 10, (32,), generator=generator)
+            continue
         x = torch.randn(32, width, generator=generator)
         if step == nan_at and rank == 0:
             x[0, 0] = float("nan")
@@ -171,7 +199,7 @@ def _hook_run(rank: int, device: torch.device, width: int, overlap: bool, nan_at
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(ddp(x), y).backward()
-        if all(bool(torch.isfinite(p.grad).all()) for p in model.parameters()):  # the skip-step guard
+        if all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters()):  # skip-step guard
             optimizer.step()
         else:
             skipped.append(step)
@@ -179,7 +207,57 @@ def _hook_run(rank: int, device: torch.device, width: int, overlap: bool, nan_at
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     state.close()
+    _hook_run.last = {"state": state, "model": model, "optimizer": optimizer}  # for the resume check
     return [p.detach().cpu() for p in model.parameters()], skipped, median(times[2:]), len(state.buckets)
+
+
+def _hook_extras(rank: int, world: int, device: torch.device, width: int) -> dict[str, bool]:
+    """The process group, DDP's own collectives, a resume on the device, a sparse bucket (see the docstring)."""
+    import io
+
+    import torch.distributed as dist
+
+    out = {}
+    unused = [_hook_run(rank, device, width, overlap, None, steps=4, find_unused=True)[0] for overlap in (True, False)]
+    group = _hook_run.last["state"].comm.group
+    out["own_group"] = (group is not None and group != dist.group.WORLD
+                        and dist.get_backend(group) == dist.get_backend())
+    out["unused_bitwise"] = all(torch.equal(a, b) for a, b in zip(*unused))
+    straight = _hook_run(rank, device, width, True, None, steps=8)[0]
+    _hook_run(rank, device, width, True, None, steps=4)
+    last, buffer = _hook_run.last, io.BytesIO()
+    torch.save({"model": last["model"].state_dict(), "optimizer": last["optimizer"].state_dict(),
+                "hook": last["state"].state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True, map_location="cpu")  # the hook state comes back on the CPU
+    resumed = _hook_run(rank, device, width, True, None, steps=4, first=4, saved=saved)[0]
+    out["resume_exact"] = all(torch.equal(a, b) for a, b in zip(straight, resumed))
+    out["sparse_exact"] = _sparse_bucket(rank, world, device)
+    return out
+
+
+def _sparse_bucket(rank: int, world: int, device: torch.device) -> bool:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import torch.distributed as dist
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        table = nn.Embedding(64, 16, sparse=True).to(device)
+    reference = nn.Embedding(64, 16).to(device)
+    reference.load_state_dict(table.state_dict())
+    ddp = DDP(table, device_ids=[device] if device.type == "cuda" else None)
+    state, hook = compressors.ddp_comm_hook("powersgd", rank=2, model=table)
+    ddp.register_comm_hook(state, hook)
+    ids = torch.randint(0, 64, (32,), generator=torch.Generator().manual_seed(rank)).to(device)
+    ddp(ids).square().sum().backward()
+    reference(ids).square().sum().backward()
+    mean = reference.weight.grad.clone()
+    dist.all_reduce(mean)
+    mean /= world
+    state.close()
+    got = table.weight.grad
+    return bool(got.is_sparse and torch.allclose(got.to_dense(), mean, rtol=1e-6, atol=1e-7))
 
 
 def _hook_checks(rank: int, world: int, use_cuda: bool, width: int, shapes_kind: str, repeats: int,
@@ -191,6 +269,7 @@ def _hook_checks(rank: int, world: int, use_cuda: bool, width: int, shapes_kind:
     overlapped, skipped, step_s, buckets = _hook_run(rank, device, width, True, None)
     synchronous, _, sync_s, _ = _hook_run(rank, device, width, False, None)
     nan_params, nan_skipped, _, _ = _hook_run(rank, device, width, True, nan_at=4)
+    out["extras"] = _hook_extras(rank, world, device, width)
     out["hook"] = {"bitwise": all(torch.equal(a, b) for a, b in zip(overlapped, synchronous)),
                    "skipped": skipped, "nan_skipped": nan_skipped, "buckets": buckets,
                    "nan_finite": all(bool(torch.isfinite(p).all()) for p in nan_params),
@@ -228,7 +307,10 @@ def main(argv=None) -> dict[str, object]:
                          backend=backend, timeout=300, threads=1 if not use_cuda else None)
         hook = per_rank[0]["hook"]
         ok = all(r["hook"]["bitwise"] and r["hook"]["skipped"] == [] and r["hook"]["nan_skipped"] == [4]
-                 and r["hook"]["nan_finite"] and r["hook"]["buckets"] >= 2 for r in per_rank)
+                 and r["hook"]["nan_finite"] and r["hook"]["buckets"] >= 2 and all(r["extras"].values())
+                 for r in per_rank)
+        print(f"  hook on {backend}, world {world}: " + ", ".join(f"{k} {v}" for k, v in per_rank[0]["extras"].items()),
+              flush=True)
         hooks_ok = hooks_ok and ok
         rows.append([backend, world, hook["buckets"], fmt_ms(hook["overlap_s"]), fmt_ms(hook["sync_s"]),
                      "yes" if ok else "NO"])

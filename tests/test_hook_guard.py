@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import compressors
-from compressors.ddp.guard import ReplayCollective, all_finite
+from compressors.ddp.guard import ReplayCollective, all_finite, nonfinite_flag
 from compressors.comm import VirtualCollective
 
 
@@ -19,6 +19,19 @@ def test_all_finite_matches_the_elementwise_check(dtype):
         x = x.to(dtype)
         assert all_finite([x]) == bool(torch.isfinite(x).all()), (dtype, x[:3])
     assert not all_finite([torch.zeros(3, dtype=dtype), torch.tensor([float("nan")], dtype=dtype)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_nonfinite_flag_matches_the_elementwise_check_without_overflowing(dtype):
+    big = torch.finfo(dtype).max  # a sum of these overflows; the flag must not call them non-finite
+    cases = [torch.zeros(7), torch.full((1000,), big, dtype=dtype), torch.full((1000,), -big, dtype=dtype),
+             torch.tensor([1.0, float("nan")]), torch.tensor([float("inf"), 1.0]), torch.tensor([1.0, float("-inf")]),
+             torch.randn(513), torch.empty(0)]
+    for x in cases:
+        x = x.to(dtype)
+        flag = nonfinite_flag(x)
+        assert flag.dim() == 0 and flag.dtype == torch.bool
+        assert bool(flag) == (not bool(torch.isfinite(x).all())), (dtype, x[:3])
 
 
 def test_replay_skips_exactly_the_collectives_already_issued():

@@ -12,8 +12,14 @@ a two-process SUM is x0 + x1 in either order (IEEE addition commutes), and the d
 For k > 1 or more than two processes the summation order differs from ``x.sum(0)`` (rounding level only).
 
 Every collective waits at most ``timeout`` seconds: a dead or hung peer raises ``CollectiveError`` naming
-the operation, never a silent hang. ``average_metric`` averages a python float over processes (diagnostics;
-no ledger record, so the ledger holds exactly what the algorithm sent, as in the simulator).
+the operation, never a silent hang. On gloo the wait is a timed ``work.wait`` (a blocking wait, no polling),
+so the timeout holds whatever the group's own timeout is. On NCCL ``work.wait()`` only makes the current
+stream wait for the collective, without blocking the host: a timed wait there would poll the work (about
+1 ms each) and abort the communicator when it expires, so the timeout is the process group's own (its
+watchdog; give the group the timeout you want, as the DDP hook does for its group).
+
+``average_metric`` averages a python float over processes (diagnostics; no ledger record, so the ledger holds
+exactly what the algorithm sent, as in the simulator).
 """
 from __future__ import annotations
 
@@ -54,6 +60,7 @@ class DistributedCollective:
         self.ledger = Ledger(keep_records=keep_records)
         # NCCL moves only CUDA tensors: CPU inputs (the CPU simulator under NCCL) travel via the current GPU.
         nccl = dist.get_backend(group) == "nccl"
+        self._nccl = nccl
         self._wire = torch.device("cuda", torch.cuda.current_device()) if nccl else None
 
     @property
@@ -72,7 +79,9 @@ class DistributedCollective:
         start = time.monotonic()
         try:
             work = launch()
-            if work is not None:
+            if work is not None and self._nccl:
+                work.wait()  # the stream waits; the group's watchdog enforces its timeout
+            elif work is not None:
                 work.wait(timeout=datetime.timedelta(seconds=self.timeout))
         except Exception as error:  # gloo raises RuntimeError, NCCL DistBackendError: both mean the same here
             raise CollectiveError(

@@ -1,19 +1,23 @@
-"""Non-finite gradients and compressor failures in a DDP hook, agreed on by every rank.
+"""Non-finite gradients and failures in a DDP hook, agreed on by every rank without a collective of its own.
 
 Policy (per bucket, on every rank):
 
-1. Detect locally: this rank's bucket holds NaN/Inf. Its aggregation then runs on zeros of the same shapes:
-   every registered compressor's collectives depend only on the shapes and the (old) state, never on the
-   values, so this rank issues exactly the collectives the other ranks issue.
+1. Every collective the compressor issues for the bucket carries one extra element: this rank's "bad so far"
+   flag (its bucket holds NaN/Inf, or something failed here). ``FlagCollective`` appends it and keeps the sum
+   over ranks; the flags are read once, at the end of the bucket (one host sync). The ledger records what the
+   compressor sent, without the flag.
 2. A compressor raising (e.g. ATOMO's ``torch.linalg.LinAlgError``) after it issued n collectives is replayed
-   on zeros with its first n collectives skipped (``ReplayCollective``): the rank issues the remaining ones,
-   in order, so its peers never wait for a collective that does not come.
-3. Agree after: one float64 all-reduce of a "bad" flag (bad input, a failure, or a non-finite result). It is
-   control traffic, not part of the algorithm: sent untracked (``average_metric``), like the simulator's
-   metrics, so the ledger holds what the compressor sent (including the bad bucket's messages, which did go
-   out). If any rank is bad, every rank returns a NaN bucket and keeps its old compressor state.
+   on zeros with its first n collectives skipped (``ReplayCollective``): the rank issues the remaining ones, in
+   order (now flagged bad), so its peers never wait for a collective that does not come. Every registered
+   compressor's collectives depend only on the shapes and the (old) state, never on the values, so a rank
+   with non-finite gradients issues exactly what its peers issue and needs no substitution.
+3. A failure after the bucket's last collective (the result's assembly, its size check) is flagged on the
+   next bucket's collectives (this rank returns NaN at once); on the step's last bucket no collective follows
+   and the hook raises it. The result's finiteness needs no agreement: a compressor's result is the same on
+   every rank (it is what every rank applies).
 
-A failure of the network itself (``CollectiveError``: a peer died or hung) is not replayed: it propagates.
+If any rank is bad, every rank returns a NaN bucket and keeps its old compressor state. A failure of the
+network itself (``CollectiveError``: a peer died or hung) is not replayed: it propagates.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from typing import Any
 import torch
 
 from ..base import Aggregator
-from ..comm import CollectiveError
+from ..comm import CollectiveError, payload_record
 
 
 class ReplayCollective:
@@ -52,6 +56,78 @@ class ReplayCollective:
         return self.inner.all_gather(x, tag)
 
 
+class FlagCollective:
+    """A ``DistributedCollective`` whose every collective carries this rank's "bad" flag as one extra element.
+
+    ``nonfinite``: a 0-d bool tensor (this rank's bucket holds NaN/Inf), read by no one on this rank: it
+    travels as it is, so no host sync is needed before the collectives. ``fail(why)`` sets the flag for every
+    later collective. ``read(extra)`` is the one host sync: whether any rank flagged any collective, and
+    ``extra`` (a 0-d bool tensor of this rank's own) in the same transfer. The results equal the inner
+    collective's bitwise (the flag is one more element of an elementwise sum or a gather).
+    """
+
+    def __init__(self, comm, nonfinite: torch.Tensor | None = None, failure: str | None = None):
+        self.comm = comm
+        self.nonfinite = nonfinite
+        self.failure = failure  # why this rank is bad (a failure here, or one carried from an earlier bucket)
+        self.issued = 0
+        self.sent_failure = False  # a collective carried `failure` to the peers
+        self.agreed: torch.Tensor | None = None  # 0-d bool: some rank flagged some collective
+
+    def __getattr__(self, name: str) -> Any:  # workers, ledger, rank, local_workers, ...
+        return getattr(self.comm, name)
+
+    def fail(self, why: str) -> None:
+        if self.failure is None:
+            self.failure = why
+            self.sent_failure = False
+
+    def _flag(self, x: torch.Tensor) -> torch.Tensor:
+        """(k, 1): the flag in x's dtype and device, on every row."""
+        flag = torch.zeros((), dtype=torch.bool, device=x.device)
+        if self.failure is not None:
+            flag = torch.ones((), dtype=torch.bool, device=x.device)
+        elif self.nonfinite is not None:
+            flag = self.nonfinite.to(x.device)
+        return flag.to(x.dtype).expand(x.shape[0], 1)  # (k, 1)
+
+    def _agree(self, flags: torch.Tensor) -> None:
+        seen = (flags != 0).any()
+        self.agreed = seen if self.agreed is None else self.agreed | seen
+        self.issued += 1
+        self.sent_failure = self.failure is not None
+
+    def all_reduce_mean(self, x: torch.Tensor, tag: str = "") -> torch.Tensor:
+        k = x.shape[0]
+        self.comm.ledger.add(payload_record("all_reduce", x, self.comm.workers, tag))
+        flat = torch.cat([x.reshape(k, -1), self._flag(x)], dim=1)  # (k, n + 1)
+        mean = self.comm.average_untracked(flat)  # (n + 1,): the same SUM then / W as all_reduce_mean
+        self._agree(mean[-1:])
+        return mean[:-1].reshape(x.shape[1:])  # (*s)
+
+    def all_gather(self, x: torch.Tensor, tag: str = "") -> torch.Tensor:
+        k = x.shape[0]
+        self.comm.ledger.add(payload_record("all_gather", x, self.comm.workers, tag))
+        flat = torch.cat([x.reshape(k, -1), self._flag(x)], dim=1)  # (k, n + 1)
+        rows = self.comm.gather_untracked(flat)  # (W, n + 1)
+        self._agree(rows[:, -1])
+        return rows[:, :-1].reshape(rows.shape[0], *x.shape[1:])  # (W, *s)
+
+    def read(self, extra: torch.Tensor | None = None) -> tuple[bool, bool, bool]:
+        """(any rank flagged a collective of this bucket, ``extra``, this rank's input was non-finite): one
+        transfer to the host."""
+        device = extra.device if extra is not None else torch.device("cpu")
+        no = torch.zeros((), dtype=torch.bool, device=device)
+        values = [self.agreed, extra, self.nonfinite]
+        both = torch.stack([no if v is None else v.to(device) for v in values]).tolist()
+        return bool(both[0]), bool(both[1]), bool(both[2])
+
+    @property
+    def unsent(self) -> str | None:
+        """This rank's failure if no collective carried it to the peers yet (it must ride on a later one)."""
+        return None if self.failure is None or self.sent_failure else self.failure
+
+
 class Guarded:
     """What one guarded aggregation gave: the update (None if this rank failed) and the new state."""
 
@@ -62,12 +138,14 @@ class Guarded:
 
 
 def guarded_aggregate(aggregator: Aggregator, grads: dict[str, torch.Tensor], state: Any, comm,
-                      zeros: bool) -> Guarded:
+                      zeros: bool = False) -> Guarded:
     """``aggregator.aggregate`` that issues the same collectives on every rank whatever happens here.
 
-    zeros: this rank's input is non-finite (or an earlier part failed): aggregate zeros of the same shapes.
+    zeros: aggregate zeros of the same shapes (this rank cannot use its input; its collectives are flagged).
     A compressor exception is replayed on zeros, skipping the collectives already issued; the update is then
-    None and ``failure`` names the exception. Network failures (``CollectiveError``) propagate.
+    None and ``failure`` names the exception (``comm.fail`` is told first when ``comm`` is a
+    ``FlagCollective``, so the rest of the collectives carry it). Network failures (``CollectiveError``)
+    propagate.
     """
     if zeros:
         grads = {n: torch.zeros_like(g) for n, g in grads.items()}
@@ -79,9 +157,21 @@ def guarded_aggregate(aggregator: Aggregator, grads: dict[str, torch.Tensor], st
         raise
     except Exception as error:  # e.g. torch.linalg.LinAlgError: its peers may be inside a collective by now
         failure = f"{type(error).__name__}: {error}"
+    if isinstance(comm, FlagCollective):
+        comm.fail(failure)
     replay = ReplayCollective(comm, skip=counting.issued)
     aggregator.aggregate({n: torch.zeros_like(g) for n, g in grads.items()}, state, replay)
     return Guarded(None, state, failure)
+
+
+def nonfinite_flag(tensor: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor on the tensor's device: it holds a NaN or Inf. No host sync, no temporary of the
+    tensor's size and no overflow: its minimum and maximum in one pass (``aminmax`` propagates NaN, and an
+    Inf is an extreme), about the cost of a float32 sum (a float64 sum, also overflow-free, costs ~10x)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=tensor.device)
+    low, high = torch.aminmax(tensor)
+    return ~(torch.isfinite(low) & torch.isfinite(high))
 
 
 def all_finite(tensors) -> bool:
@@ -94,8 +184,3 @@ def all_finite(tensors) -> bool:
         if not bool(torch.isfinite(t.sum(dtype=wide))) and not bool(torch.isfinite(t).all()):
             return False
     return True
-
-
-def agree_bad(comm, bad: bool) -> bool:
-    """True on every rank if any rank is bad: one untracked float64 all-reduce (control traffic)."""
-    return comm.average_metric(1.0 if bad else 0.0) > 0.0

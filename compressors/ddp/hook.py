@@ -19,11 +19,21 @@ collectives in the same order (torch's own ``powerSGD_hook`` issues its Q all-re
 which on gloo with several buckets interleaves differently per rank and crashes). ``overlap=False``
 aggregates inside the hook (no overlap); both modes compute bitwise the same results.
 
-Non-finite gradients and compressor failures (``hook_guard``): a NaN/Inf in any rank's bucket, or a
-compressor raising on any rank, gives a NaN bucket on every rank (a GradScaler or skip-step guard sees it
-everywhere) and leaves every bucket's state as it was before the step: new states are committed only when
-the step's last bucket is in and no bucket of the step was bad. One untracked float64 all-reduce per bucket
-carries the agreement. After a bad bucket the step's remaining buckets are NaN without communication.
+Process group (``compressors.ddp.setup``): the hook's collectives run on a group of its own, made once with
+``dist.new_group`` over DDP's ranks, never on DDP's group. The first bucket checks that every rank has the
+same seed, compressor configuration and hook state (a ValueError on every rank otherwise).
+
+Failures (``compressors.ddp.guard``): everything a step does per bucket (unpacking the bucket, creating or
+placing its states, size checks, the compressor, its collectives) runs guarded. A NaN/Inf in any rank's
+bucket, or a failure on any rank, gives a NaN bucket on every rank (a GradScaler or skip-step guard sees it
+everywhere) for the rest of the step, and leaves every bucket's state as it was before the step (states
+created in the step included): new states are committed only when the step's last bucket is in and no
+bucket of the step was bad. The agreement rides on the compressor's own collectives (one extra element
+each); a bucket that creates states agrees first, with one scalar all-reduce, since a rank whose creation
+failed cannot issue the compressor's collectives. The step is counted in ``skipped_steps``.
+
+Sparse gradients (``nn.Embedding(sparse=True)``; DDP gives each such parameter a bucket of its own): an exact
+dense all-reduce mean, returned sparse, as torch's ``allreduce_hook`` computes it (no compression).
 
 Steps: the hook counts optimizer steps (a step is committed with its last bucket; a bad step is not a step).
 A state created at step s, e.g. when DDP rebuilds its buckets after the first iteration, starts its warm-up
@@ -34,19 +44,27 @@ DDP rebuilds its buckets once after the first iteration (gradient-ready order). 
 keeps its state when only its order changed; otherwise a bucket whose parameters changed gets a fresh state.
 """
 # No `from __future__ import annotations`: DDP inspects the hook's real return annotation.
+import dataclasses
 import functools
 import weakref
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 
 from ..base import Aggregator
 from ..comm import DistributedCollective
 from ..policies import Warmup
 from ..registry import make
-from .guard import agree_bad, all_finite, guarded_aggregate
+from .guard import FlagCollective, guarded_aggregate, nonfinite_flag
+from .setup import check_same_setup, describe, own_group
 from .state_io import checked_hook_state, hook_state_dict
 from .worker import HookWorker
+
+
+class HookUsageError(ValueError):
+    """The hook was used wrongly (a module that is not the trained one, a bucket layout it cannot read): raised
+    on the ranks where it happens, after every rank agreed to skip the step."""
 
 
 class HookState:
@@ -64,28 +82,37 @@ class HookState:
         self.overlap = overlap  # aggregate on the communication thread (True) or inside the hook (False)
         self.keep_records = keep_records  # ledger records kept (tests, accounting); totals are always kept
         self.seed = seed
-        self.process_group = process_group
+        self.process_group = process_group  # DDP's group: the hook's own group spans the same ranks
         self.timeout = timeout
         self.names = {id(p): n for n, p in model.named_parameters()} if model is not None else None
-        self.comm = None  # a DistributedCollective, created on the first call (needs the process group)
+        self.comm = None  # a DistributedCollective on the hook's own process group (``connect``)
+        self.verified = False  # the ranks' seeds, configurations and states were checked equal
         self.buckets: dict[Any, dict[str, Any]] = {}  # key -> {"shapes", "params" (ids), "state"}
         self.calls = 0
         self.steps = 0  # optimizer steps: steps whose every bucket was finite on every rank
         self.skipped_steps: list[tuple[int, str]] = []  # (step, why) of every step returned as NaN
         self.pending: dict[Any, Any] = {}  # key -> the new state of a bucket of the current step, not yet kept
+        self.created: dict[Any, dict[str, Any]] = {}  # key -> an entry created (or placed) in the current step
         self.step_bad: str | None = None  # why the current step is bad (agreed by every rank), else None
+        self.late: str | None = None  # a failure here after a bucket's last collective: rides on the next one
         self.worker = HookWorker()
         weakref.finalize(self, self.worker.close, 0.0)  # a dropped state stops its thread
+        if dist.is_available() and dist.is_initialized():
+            self.connect()  # every rank builds its hook in program order: where new_group must be called
 
     def close(self) -> None:
         """Stop the communication thread after the buckets already handed over (idempotent)."""
         self.worker.close()
 
-    def collective(self):
+    def connect(self) -> DistributedCollective:
+        """The hook's collective on a process group of its own, made once (``compressors.ddp.setup``)."""
         if self.comm is None:
-            self.comm = DistributedCollective(1, group=self.process_group, timeout=self.timeout,
-                                              keep_records=self.keep_records)
+            self.comm = DistributedCollective(1, group=own_group(self.process_group, self.timeout),
+                                              timeout=self.timeout, keep_records=self.keep_records)
         return self.comm
+
+    def collective(self) -> DistributedCollective:
+        return self.connect()
 
     def bucket_parts(self, index: int, params: list[torch.Tensor], gradients: list[torch.Tensor]):
         """[(key, {name: (1, *shape)})] to aggregate one after the other, and the names in the bucket's order.
@@ -94,13 +121,16 @@ class HookState:
         first iteration uses DDP's initial buckets, not the rebuilt ones that were saved), the rest forms a
         new set; states overlapping a bucket but not used by it are stale (DDP rebuilt its buckets) and dropped.
         """
+        if len(gradients) != len(params):
+            raise HookUsageError(f"ddp_comm_hook: bucket {index} has {len(params)} parameters but "
+                                 f"{len(gradients)} gradient views; allowed: one dense gradient per parameter")
         if self.names is None:
             names = [str(i) for i in range(len(params))]
             return [(index, {n: g.reshape(1, *p.shape) for n, g, p in zip(names, gradients, params)})], names
         missing = [tuple(p.shape) for p in params if id(p) not in self.names]
         if missing:
-            raise ValueError(f"ddp_comm_hook: model is invalid; allowed: the module being trained "
-                             f"(parameters of shapes {missing} are not among its parameters)")
+            raise HookUsageError(f"ddp_comm_hook: model is invalid; allowed: the module being trained "
+                                 f"(parameters of shapes {missing} are not among its parameters)")
         names = [self.names[id(p)] for p in params]
         by_name = {n: g.reshape(1, *p.shape) for n, g, p in zip(names, gradients, params)}  # (1, *shape)
         members, covered = [], set()
@@ -120,68 +150,160 @@ class HookState:
     def key_of(self, param: torch.Tensor) -> str | None:
         return self.names.get(id(param)) if self.names is not None else None
 
-    def bucket_state(self, key, params: list[torch.Tensor], grads: dict[str, torch.Tensor]):
-        shapes = tuple(tuple(g.shape[1:]) for g in grads.values())
-        ids = tuple(id(p) for p in params)
+    def needs_state(self, key, params: list[torch.Tensor], grads: dict[str, torch.Tensor]) -> bool:
+        """Whether this part's state must be created, or placed (a loaded one), in this step: decided by the
+        bucket layout and the states kept, which are the same on every rank (checked on the first call)."""
         entry = self.buckets.get(key)
-        stale = entry is not None and self.names is None and entry["params"] is not None and entry["params"] != ids
-        # A loaded entry has no ids yet: it is adopted when the shapes agree.
-        if entry is None or entry["shapes"] != shapes or stale:
-            like = next(iter(grads.values()))
-            fresh = self.aggregator.init({name: tuple(g.shape[1:]) for name, g in grads.items()}, workers=1,
-                                         seed=self.seed, dtype=like.dtype, device=like.device)
-            entry = {"shapes": shapes, "params": ids, "state": born_at(self.aggregator, fresh, self.steps)}
-            self.buckets[key] = entry
-        entry["params"] = ids
+        shapes = tuple(tuple(g.shape[1:]) for g in grads.values())
+        if entry is None or entry["shapes"] != shapes or entry["params"] is None:
+            return True
+        return self.names is None and entry["params"] != tuple(id(p) for p in params)  # DDP rebuilt it
+
+    def new_entry(self, key, params: list[torch.Tensor], grads: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """A state for this part, on the gradients' device: a loaded one placed there, else a fresh one born
+        at this step. Kept in ``created`` until the step commits."""
+        shapes = tuple(tuple(g.shape[1:]) for g in grads.values())
+        like = next(iter(grads.values()))
+        fresh = self.aggregator.init({name: tuple(g.shape[1:]) for name, g in grads.items()}, workers=1,
+                                     seed=self.seed, dtype=like.dtype, device=like.device)
+        loaded = self.buckets.get(key)
+        if loaded is not None and loaded["params"] is None and loaded["shapes"] == shapes:
+            state = placed_like(loaded["state"], fresh)  # a loaded state moves to the bucket's device
+        else:
+            state = born_at(self.aggregator, fresh, self.steps)
+        entry = {"shapes": shapes, "params": tuple(id(p) for p in params), "state": state}
+        self.created[key] = entry
         return entry
 
     def aggregate_bucket(self, bucket: "BucketView") -> torch.Tensor:
-        """The bucket's flat result (NaN if any rank's step is bad); commits the step with its last bucket."""
+        """The bucket's flat result (NaN if any rank's step is bad); commits the step with its last bucket.
+        An exception (a network failure, a usage error, a failure that no collective could carry) makes the
+        rest of the step NaN without communication and is raised."""
         try:
-            flat = self._aggregate_bucket(bucket)
-        except BaseException:
-            self.pending.clear()  # the step is lost on this rank: keep the states from before it
-            self.step_bad = None
+            result = self._aggregate_bucket(bucket)
+        except BaseException as error:
+            self.pending.clear()
+            self.created.clear()
+            self.late = None
+            self.step_bad = self.step_bad or f"bucket {bucket.index}: {type(error).__name__}: {error}"
+            if bucket.is_last:
+                self._end_step()
             raise
         if bucket.is_last:
             self._end_step()
-        return flat
+        return result
 
     def _aggregate_bucket(self, bucket: "BucketView") -> torch.Tensor:
-        buffer = bucket.buffer  # (total,), the concatenation of the bucket's gradients, in order
-        comm = self.collective()
+        comm = self.connect()
         if bucket.index == 0:  # DDP's first bucket of a step: the ledger's step_records then hold one step
             comm.ledger.begin_step()
         self.calls += 1
         if self.step_bad is not None:  # every rank knows: no communication for the rest of the step
-            return torch.full_like(buffer, float("nan"))
-        parts, bucket_order = self.bucket_parts(bucket.index, bucket.params, bucket.gradients)
-        bad_input = not all_finite([buffer])
-        failure = "non-finite gradient" if bad_input else None
+            return nan_like(bucket.buffer)
+        if not self.verified:
+            check_same_setup(comm, self.seed, describe(self.aggregator), self.saved_summary())
+            self.verified = True
+        if bucket.buffer.layout != torch.strided:
+            return self._sparse_bucket(bucket, comm)
+        flags = FlagCollective(comm, nonfinite_flag(bucket.buffer), failure=self.late)
+        self.late = None
+        work, usage_error = self._prepare(bucket, flags)
+        if work is None:
+            if usage_error is not None:
+                raise usage_error
+            return nan_like(bucket.buffer)
+        parts, order = work
         update: dict[str, torch.Tensor] = {}
-        for key, grads in parts:
-            members = bucket.params if self.names is None else [p for p in bucket.params if self.key_of(p) in grads]
-            entry = self.bucket_state(key, members, grads)
-            done = guarded_aggregate(self.aggregator, grads, entry["state"], comm, zeros=failure is not None)
-            failure = failure or done.failure
+        new_states: dict[Any, Any] = {}
+        for key, grads, state in parts:
+            done = guarded_aggregate(self.aggregator, grads, state, flags, zeros=flags.failure is not None)
             if done.update is not None:
                 update.update(done.update)
-                self.pending[key] = done.state
-        flat = None
-        if failure is None:
-            flat = torch.cat([update[name].reshape(-1).to(buffer.dtype) for name in bucket_order])  # (total,)
-            if flat.numel() != buffer.numel():
-                raise RuntimeError(f"ddp_comm_hook: bucket {bucket.index} holds {buffer.numel()} elements but its "
-                                   f"gradients {flat.numel()}: DDP's bucket layout is not the concatenation assumed")
-            if not all_finite([flat]):
-                failure = "non-finite result"
-        if agree_bad(comm, failure is not None):
-            self.step_bad = f"bucket {bucket.index}: " + (failure or "bad on another rank")
-            return torch.full_like(buffer, float("nan"))
+                new_states[key] = done.state
+        flat, result_bad = None, None
+        if flags.failure is None:
+            try:
+                flat = self._assemble(bucket, update, order)
+                result_bad = nonfinite_flag(flat)
+            except Exception as error:  # after the last collective: rides on the next bucket's
+                flags.fail(f"{type(error).__name__}: {error}")
+        return self._decide(bucket, flags, result_bad, flat, new_states)
+
+    def _prepare(self, bucket: "BucketView", flags: FlagCollective):
+        """Unpack the bucket and create its missing states: ((parts, order), None), or (None, usage error or
+        None) when any rank failed here. A bucket that creates states agrees before the compressor's
+        collectives (a rank whose creation failed cannot issue them): one scalar all-reduce, untracked."""
+        creating, usage_error = False, None
+        parts, order = [], []
+        try:
+            split, order = self.bucket_parts(bucket.index, bucket.params, bucket.gradients)
+            for key, grads in split:
+                members = (bucket.params if self.names is None
+                           else [p for p in bucket.params if self.key_of(p) in grads])
+                if self.needs_state(key, members, grads):
+                    creating = True
+                    entry = self.new_entry(key, members, grads)
+                else:
+                    entry = self.buckets[key]
+                parts.append((key, grads, entry["state"]))
+        except Exception as error:
+            creating = True  # the failing rank does not know; a layout failure is the same on every rank
+            flags.fail(f"{type(error).__name__}: {error}")
+            usage_error = error if isinstance(error, HookUsageError) else None
+        if creating and flags.comm.average_metric(0.0 if flags.failure is None else 1.0) > 0.0:
+            self.step_bad = f"bucket {bucket.index}: " + (flags.failure or "failed on another rank")
+            return None, usage_error
+        return (parts, order), None
+
+    def _assemble(self, bucket: "BucketView", update: dict[str, torch.Tensor], order: list[str]) -> torch.Tensor:
+        buffer = bucket.buffer
+        flat = torch.cat([update[name].reshape(-1).to(buffer.dtype) for name in order])  # (total,)
+        if flat.numel() != buffer.numel():
+            raise HookUsageError(f"ddp_comm_hook: bucket {bucket.index} holds {buffer.numel()} elements but its "
+                                 f"gradients {flat.numel()}: DDP's bucket layout is not the concatenation assumed")
         return flat
+
+    def _decide(self, bucket: "BucketView", flags: FlagCollective, result_bad, result, new_states) -> torch.Tensor:
+        """The bucket's result after the one host sync: NaN if any rank flagged it; a failure here that no
+        collective carried rides on the next bucket (this rank returns NaN now); on the step's last bucket it
+        cannot be agreed on any more and is raised."""
+        agreed, nonfinite, bad_input = flags.read(result_bad)
+        if agreed:
+            why = flags.failure or ("non-finite gradient" if bad_input else "bad on another rank")
+            self.step_bad = f"bucket {bucket.index}: {why}"
+            return nan_like(bucket.buffer)
+        if nonfinite:  # the same on every rank: a compressor's result is what every rank applies
+            self.step_bad = f"bucket {bucket.index}: non-finite result"
+            return nan_like(bucket.buffer)
+        if flags.unsent is not None:
+            if bucket.is_last:
+                raise RuntimeError(f"ddp_comm_hook: bucket {bucket.index} (the step's last) failed on rank "
+                                   f"{flags.rank} after its last collective, where the ranks cannot agree any "
+                                   f"more: {flags.unsent}")
+            self.late = f"bucket {bucket.index}: {flags.unsent}"
+            return nan_like(bucket.buffer)
+        self.pending.update(new_states)
+        return result
+
+    def _sparse_bucket(self, bucket: "BucketView", comm) -> torch.Tensor:
+        """A sparse gradient (DDP gives it a bucket of its own): an exact dense all-reduce mean, returned in the
+        gradient's sparse layout, under the same guard (the flag rides on that all-reduce)."""
+        buffer = bucket.buffer
+        dense = buffer.to_dense()  # (*shape)
+        flags = FlagCollective(comm, nonfinite_flag(dense), failure=self.late)
+        self.late = None
+        mean = flags.all_reduce_mean(dense.unsqueeze(0), tag="sparse")  # (*shape)
+        sparse = mean.to(buffer.dtype).to_sparse(buffer.sparse_dim())
+        return self._decide(bucket, flags, nonfinite_flag(mean), sparse, {})
+
+    def saved_summary(self) -> str:
+        """What must be equal on every rank of this hook's state: the step count and the kept buckets."""
+        return repr((self.steps, self.names is None, sorted((repr(k), e["shapes"]) for k, e in self.buckets.items())))
 
     def _end_step(self) -> None:
         if self.step_bad is None:
+            for key, entry in self.created.items():
+                self.buckets[key] = entry
             for key, new_state in self.pending.items():
                 if key in self.buckets:
                     self.buckets[key]["state"] = new_state
@@ -189,7 +311,9 @@ class HookState:
         else:
             self.skipped_steps.append((self.steps, self.step_bad))
         self.pending.clear()
+        self.created.clear()
         self.step_bad = None
+        self.late = None
 
     #: Version of ``state_dict``'s layout; 2: registered record tags and a checksum (older ones are refused).
 
@@ -202,9 +326,11 @@ class HookState:
         """Restore ``state_dict()``'s output. Untrusted input: records are rebuilt only from registered types,
         the checksum is verified, and every bucket's state must have the structure (record types, keys, shapes,
         dtypes) that this aggregator's fresh state for that bucket has; anything else is a ValueError naming it.
-        Nothing is changed unless all of it is valid."""
+        Nothing is changed unless all of it is valid. The states are loaded on the CPU and each moves to its
+        bucket's device when the bucket is first aggregated."""
         restored = checked_hook_state(saved, self.aggregator, named=self.names is not None)
         self.seed, self.calls, self.steps, self.buckets = restored
+        self.verified = False  # the ranks' loaded states are compared at the next bucket
 
 
 class BucketView(NamedTuple):
@@ -225,13 +351,41 @@ def born_at(aggregator: Aggregator, state: Any, step: int) -> Any:
     return state
 
 
+def nan_like(buffer: torch.Tensor) -> torch.Tensor:
+    """The result of a skipped step: NaN everywhere, in the buffer's layout (a sparse buffer gets NaN rows)."""
+    if buffer.layout == torch.strided:
+        return torch.full_like(buffer, float("nan"))
+    dense = torch.full(buffer.shape, float("nan"), dtype=buffer.dtype, device=buffer.device)
+    return dense.to_sparse(buffer.sparse_dim())
+
+
+def placed_like(loaded: Any, fresh: Any) -> Any:
+    """``loaded`` with every tensor on the device of the tensor at the same place in ``fresh`` (a fresh state
+    of the same structure on the bucket's device: RNG states stay where the compressor keeps them)."""
+    if isinstance(loaded, torch.Tensor):
+        return loaded.to(fresh.device) if isinstance(fresh, torch.Tensor) else loaded
+    if isinstance(loaded, tuple) and hasattr(loaded, "_fields"):  # a NamedTuple record
+        return type(loaded)(*(placed_like(a, b) for a, b in zip(loaded, fresh)))
+    if dataclasses.is_dataclass(loaded) and not isinstance(loaded, type):
+        return dataclasses.replace(loaded, **{f.name: placed_like(getattr(loaded, f.name), getattr(fresh, f.name))
+                                              for f in dataclasses.fields(loaded) if f.init})
+    if isinstance(loaded, dict):
+        return {k: placed_like(v, fresh[k]) if k in fresh else v for k, v in loaded.items()}
+    if isinstance(loaded, (list, tuple)):
+        return type(loaded)(placed_like(a, b) for a, b in zip(loaded, fresh))
+    return loaded
+
+
 def ddp_comm_hook(aggregator: Aggregator | str, *, seed: int = 0, process_group=None, timeout: float = 60.0,
                   keep_records: bool = False, model: torch.nn.Module | None = None, overlap: bool = True,
                   **options):
     """``(state, hook)`` for ``DistributedDataParallel.register_comm_hook``.
 
     aggregator: an Aggregator, or a registered name with its ``options`` (``ddp_comm_hook("powersgd", rank=2)``).
-    seed: the aggregator's shared seed (must be equal on every rank). timeout: seconds any collective may take.
+    seed: the aggregator's shared seed (must be equal on every rank: checked on the first bucket).
+    process_group: DDP's group; the hook's collectives run on a group of its own over the same ranks, made here
+    (``dist.new_group``: build the hook on every rank, in the same order) or, before ``init_process_group``,
+    at the first bucket. timeout: that group's timeout, seconds any collective may take.
     keep_records: keep every ledger record in ``state.comm.ledger`` (otherwise totals only: flat memory).
     model: the trained module (recommended): names each bucket's tensors and keys its state stably.
     overlap: aggregate on a communication thread while the backward pass goes on (True), or inside the hook.
@@ -254,12 +408,13 @@ def hook(state: HookState, bucket) -> torch.futures.Future[torch.Tensor]:
     the future of the bucket's flat result."""
     buffer = bucket.buffer()
     view = BucketView(bucket.index(), bucket.is_last(), buffer, bucket.parameters(), bucket.gradients())
+    state.connect()  # on DDP's thread, in program order: where the hook's group is made if not made yet
     if not state.overlap:
-        future: torch.futures.Future = torch.futures.Future()
+        future = result_future(buffer.device)
         future.set_result(state.aggregate_bucket(view))
         return future
     if buffer.is_cuda:  # a CUDA-aware future: DDP's stream waits for the thread's work on the result
-        future = torch.futures.Future(devices=[buffer.device])
+        future = result_future(buffer.device)
         ready = torch.cuda.Event()
         ready.record()  # the gradients were queued on this thread's current stream
         job = functools.partial(_on_cuda, state, view, ready)
@@ -270,10 +425,15 @@ def hook(state: HookState, bucket) -> torch.futures.Future[torch.Tensor]:
     return future
 
 
+def result_future(device: torch.device) -> torch.futures.Future:
+    """The future of a bucket's result: CUDA-aware for a CUDA bucket (``set_result`` records an event on the
+    current stream and DDP's stream waits for it, as with ``work.get_future()``), plain otherwise."""
+    if device.type == "cuda":
+        return torch.futures.Future(devices=[device])
+    return torch.futures.Future()
+
+
 def _on_cuda(state: HookState, view: BucketView, ready) -> torch.Tensor:
     with torch.cuda.device(view.buffer.device):
         torch.cuda.current_stream().wait_event(ready)
         return state.aggregate_bucket(view)
-
-
-# -- loading a saved hook state (untrusted data) ---------------------------------------------------------------
