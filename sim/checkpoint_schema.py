@@ -32,6 +32,9 @@ from .simulation import TrainState
 FORMAT_VERSION = 2  # 2: registered record tags and a checksum; 1 (importable type names) is refused
 KEYS = ("format_version", "experiment", "local_workers", "step", "state", "rows", "ledger")  # + "checksum"
 LEDGER_KEYS = ("calls", "total_bits", "records")
+#: Experiment fields that say where a run computes, not what: a checkpoint resumes whatever they are.
+PLACEMENT_FIELDS = ("device",)
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Experiment) if f.default is not dataclasses.MISSING}
 
 
 class Checkpoint(NamedTuple):
@@ -179,7 +182,10 @@ def check_same_experiment(saved: dict[str, Any], experiment: Experiment) -> None
 
 def experiment_differences(saved: dict[str, Any], experiment: Experiment) -> str:
     """'' when equal, else 'differing fields: a, b (a: checkpoint x, experiment y; ...)'."""
-    current = experiment.to_dict()
+    current = {k: v for k, v in experiment.to_dict().items() if k not in PLACEMENT_FIELDS}
+    saved = {k: v for k, v in saved.items() if k not in PLACEMENT_FIELDS}
+    # A field added after a file was written is absent from it: equal when this experiment keeps its default.
+    saved = {**{k: v for k, v in _DEFAULTS.items() if k in current and k not in saved}, **saved}
     differing = [k for k in sorted(set(saved) | set(current), key=str)
                  if k not in saved or k not in current or not _same(saved[k], current[k])]
     if not differing:
