@@ -43,7 +43,7 @@ SYNC_METHODS = {
 TRANSFERS = {torch.Tensor.to, torch.Tensor.copy_, torch.Tensor.cpu, torch.Tensor.cuda, torch.Tensor.type,
              torch.Tensor.new_tensor, torch.as_tensor, torch.tensor, torch._has_compatible_shallow_copy_type,
              torch.Tensor.data.__set__}  # the last two: nn.Module.to replacing a parameter's data
-_OWN_FILES = ("torch/", "placement.py", "contextlib.py", "functools.py")
+_OWN_FILES = ("/torch/", __file__, "/contextlib.py", "/functools.py")
 
 
 class PlacementCheck(TorchFunctionMode):
@@ -72,6 +72,15 @@ class PlacementCheck(TorchFunctionMode):
                 return _zero(kind, args[0])
             return func(*args, **kwargs)
         if self.device.type != "cpu" and func in TRANSFERS:
+            source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if (func is torch.Tensor.to and source is not None and self._on_device(source)
+                    and self.device.type != "cpu"):
+                result_device = _target_device(args[1:], kwargs)
+                if result_device is not None and result_device.type == "cpu":  # a copy to the host: a read
+                    self.syncs += 1
+                    self.sync_sites[f"to cpu at {_caller()}"] += 1
+                    if source.device.type == "meta":
+                        return torch.zeros(source.shape, dtype=_target_dtype(args[1:], kwargs) or source.dtype)
             result = func(*args, **kwargs)
             if isinstance(result, torch.Tensor) and self._on_device(result):
                 size = sum(t.numel() for t in tree_flatten((args, kwargs))[0]
@@ -95,6 +104,23 @@ class PlacementCheck(TorchFunctionMode):
         return value.to(self.device) if isinstance(value, torch.Tensor) and _host_array(value) else value
 
 
+def _target_device(args, kwargs) -> torch.device | None:
+    """The device a ``Tensor.to(...)`` call names, if any."""
+    for value in [*args, kwargs.get("device")]:
+        if isinstance(value, (str, torch.device)):
+            return torch.device(value)
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return None
+
+
+def _target_dtype(args, kwargs) -> torch.dtype | None:
+    for value in [*args, kwargs.get("dtype")]:
+        if isinstance(value, torch.dtype):
+            return value
+    return None
+
+
 def _host_array(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dim() > 0
 
@@ -114,6 +140,6 @@ def _zero(kind: str, t: torch.Tensor):
 def _caller() -> str:
     """file:line of the nearest frame outside torch and this module (where the operation was written)."""
     for frame in reversed(traceback.extract_stack(limit=40)):
-        if not any(part in frame.filename for part in _OWN_FILES):
+        if not any(part in frame.filename or frame.filename == part for part in _OWN_FILES):
             return f"{frame.filename.rsplit('/', 2)[-2]}/{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}"
     return "?"
