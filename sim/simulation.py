@@ -195,8 +195,9 @@ class Simulation:
         """Test loss and accuracy with this process's first worker's BatchNorm statistics (worker 0 on rank 0,
         like DDP's broadcast_buffers)."""
         buffers = {name: b[0] for name, b in state.buffers.items()}
-        return evaluate(self.model, state.params, buffers, self.task.test_x, self.task.test_y, self.task.loss,
-                        self.task.classification)
+        with self.autocast():  # the model computes as in training (bf16 regions under Experiment.autocast)
+            return evaluate(self.model, state.params, buffers, self.task.test_x, self.task.test_y, self.task.loss,
+                            self.task.classification)
 
     # -- metrics -----------------------------------------------------------------------------------------
     def _compression_error_terms(self, grads: Tensors, sums: Tensors, update: Tensors) -> list[torch.Tensor]:
