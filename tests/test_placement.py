@@ -19,8 +19,11 @@ from compressors.placement import PlacementCheck
 #: Host reads per training step outside evaluation: the train loss with the gradients' finiteness probes, then
 #: every probe and metric of the step's result (sim/simulation.py, Simulation.step).
 SYNCS_PER_STEP = 2
+#: Adaptive rank reads its norms once more at the end of each interval: its decision changes tensor shapes,
+#: so the host must know it (the test's interval is 1 step: every step).
+RULE_SYNCS = 1
 STEPS = 2
-WORKERS, BATCH = 3, 4
+WORKERS, BATCH = 2, 4
 TASKS = {"mlp": "digits-mlp", "cnn": "digits-cnn", "lstm": "charlm-lstm"}
 RANKED = {"schedule": {"name": "powersgd", "rank_schedule": [[0, 1], [1, 2]]},
           "adaptive": {"name": "powersgd", "adaptive": {"rule": "accordion", "low_rank": 1, "high_rank": 2,
@@ -56,7 +59,7 @@ def compressor_cases():
 
 
 def experiment(task: str, spec: dict, device: str = "meta", **fields) -> sim.Experiment:
-    options = {"hidden": 16, "embedding": 8, "seq_len": 8, "corpus_bytes": 1 << 15} if task == "lstm" else {}
+    options = {"hidden": 16, "embedding": 8, "seq_len": 4, "corpus_bytes": 1 << 15} if task == "lstm" else {}
     return sim.Experiment(task=TASKS[task], workers=WORKERS, batch_size=BATCH, steps=STEPS, seed=1, eval_every=0,
                           compressor=spec, device=device, task_options=options, **fields)
 
@@ -89,7 +92,8 @@ def test_a_meta_run_keeps_everything_on_the_device(task, spec):
     check = PlacementCheck("meta")
     per_step, state = run_checked(experiment(task, spec), check)
     assert check.mixed == [], check.mixed
-    assert all(syncs <= SYNCS_PER_STEP for syncs, _ in per_step), (per_step, check.sync_sites)
+    bound = SYNCS_PER_STEP + (RULE_SYNCS if "adaptive" in spec else 0)
+    assert all(syncs <= bound for syncs, _ in per_step), (per_step, check.sync_sites)
     # nothing gradient-sized is copied onto the device each step (QSGD's W x d uniforms once were): the batch's
     # indices, and factor-sized draws (a sketch, PowerSGD's fresh columns when the rank grows)
     small = WORKERS * BATCH + sum(p.numel() for p in state.params.values()) // 4
