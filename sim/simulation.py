@@ -97,7 +97,10 @@ class Simulation:
         once for every probe and metric of the result (update, compressor state, parameters and optimizer state,
         memory norm, compression error). Explaining a non-finite value costs more reads, only then."""
         e, comm = self.experiment, self.comm
-        indices = self.sampler.batch(self.local_workers, state.step).to(self.device)  # (k, B), drawn on the host
+        indices = self.sampler.batch(self.local_workers, state.step)  # (k, B), drawn on the host
+        if self.device.type == "cuda":  # a blocking copy from pageable memory would wait for the previous step
+            indices = indices.pin_memory()
+        indices = indices.to(self.device, non_blocking=True)
         x, y = self.task.train_x[indices], self.task.train_y[indices]
         with self.autocast():
             grads, losses, buffers = self.engine.gradients(state.params, state.buffers, x, y)
