@@ -68,7 +68,8 @@ def _validate(payload: Any, experiment: Experiment, local: range) -> Checkpoint:
     if set(payload) != expected:
         missing = sorted(expected - set(payload))
         extra = sorted(map(str, set(payload) - expected))
-        raise ValueError(f"missing keys {missing} and unexpected keys {extra}; allowed: exactly {sorted(expected)}")
+        raise ValueError(f"missing keys {missing} and unexpected keys {extra} are invalid; allowed: exactly "
+                         f"{sorted(expected)}")
     if payload["checksum"] != digest(body_of(payload)):  # digest refuses odd types and deep nesting itself
         raise ValueError("checksum mismatch: the file was altered or corrupted after it was written")
     saved = from_plain(payload["experiment"], "$.experiment")
