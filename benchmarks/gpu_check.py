@@ -6,12 +6,13 @@
 
 Three sections, each a table (and flat keys in the returned dict):
 
-1. The simulator's step on the device: ResNet-18 (the PowerSGD paper's CIFAR-10 model, 11.2 M parameters) at
-   W = 16 workers of B = 128 samples, against its floor, one plain SGD step on the concatenated W*B batch
-   (the comparison ``benchmarks/overhead.py`` makes on the CPU). The simulated step is built from the
-   simulator's own pieces on device-resident tensors: ``sim.engine.VmapEngine`` (per-worker gradients),
-   the registered PowerSGD aggregate (rank 2, local error feedback, warm start) with a ``VirtualCollective``,
-   and SGD with momentum; inputs are random CIFAR-shaped images (no data files on the machine needed).
+1. ``sim.run(device=...)`` itself: ResNet-18 (the PowerSGD paper's CIFAR-10 model, 11.2 M parameters) on
+   CIFAR-shaped random images (no data files needed) at W = 16 workers of B = 128 samples, PowerSGD rank 2,
+   the engine ``"auto"`` picks, in float32 and under bf16 autocast: the median step against its floor, one
+   plain SGD step of the same model on the 2,048-image batch (under the same autocast). Then the same small
+   experiment (digits-mlp, PowerSGD rank 2, 20 steps) on the device and on the CPU, within
+   ``TRAJECTORY_TOLERANCE``; and a run on the device checkpointed and resumed, bitwise equal to the
+   uninterrupted one. On a GPU it writes ``sim_overhead_ratio_w16_resnet18_cuda`` and ``..._bf16``.
 2. Our PowerSGD kernel against torch's ``powerSGD_hook`` on the device: ResNet-18's gradient shapes in one
    bucket, in a process group (NCCL on CUDA), rank 2, error feedback, warm start; the faster torch batching setting.
 3. ``compressors.ddp_comm_hook`` under DDP on NCCL, world size 1 and, where two GPUs exist, 2 (the fallback:
@@ -24,11 +25,12 @@ Three sections, each a table (and flat keys in the returned dict):
    dense mean (against the mean of every rank's gradient, all-reduced by hand).
 
 CUDA timings synchronise the device around every timed call. The fallback uses small sizes (W = 2, B = 1,
-a few small shapes) and only checks that everything runs and agrees; its timings mean nothing.
+a few small shapes, float32 only) and only checks that everything runs and agrees; its timings mean nothing.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
@@ -39,10 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import compressors
-from compressors.comm import VirtualCollective
+import sim
+import sim.engine
+import sim.tasks
 from sim.real.distributed import spawn
-from sim.engine import VmapEngine
-from sim.models import resnet18_cifar
+from sim.models import build, resnet18_cifar
 from .timing import fmt_ms, interleaved, median, ratio_of_medians, table
 
 FULL = {"workers": 16, "batch": 128, "repeats": 5, "shapes": "resnet18", "hook_width": 1024}
@@ -62,44 +65,93 @@ def synchronized(fn, device: torch.device):
 
 
 # -- 1. the simulator's step vs its floor ----------------------------------------------------------------------
-def simulator_vs_floor(device: torch.device, workers: int, batch: int, repeats: int) -> dict[str, float]:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = resnet18_cifar().to(device)
+SYNTHETIC_CIFAR = "gpu-check-cifar-synthetic"
+TRAJECTORY_STEPS = 20
+#: CUDA vs CPU on TRAJECTORY_STEPS steps of digits-mlp (PowerSGD rank 2, local error feedback): the largest
+#: difference of the train loss, relative to it, and of the final parameters, relative to their norm. Both runs
+#: compute in float32; the difference is rounding (another summation order in cuBLAS), amplified a little by
+#: 20 steps of training with error feedback.
+TRAJECTORY_TOLERANCE = 1e-3
+
+
+def synthetic_cifar(*, dtype: torch.dtype, samples: int = 2048, test_samples: int = 64):
+    """CIFAR-shaped random images (3 x 32 x 32, 10 classes) for ResNet-18: no data files needed."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(workers, batch, 3, 32, 32, generator=generator).to(device)  # (W, B, 3, 32, 32)
-    y = torch.randint(0, 10, (workers, batch), generator=generator).to(device)  # (W, B)
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    buffers = {n: b.expand(workers, *b.shape).clone() for n, b in model.named_buffers()}  # (W, ...) per worker
-    engine = VmapEngine(model, F.cross_entropy)
-    agg = compressors.make("powersgd", rank=2, error_feedback="local", warm_start=True)
-    comm = VirtualCollective(workers)
-    box = {"state": agg.init({n: tuple(p.shape) for n, p in params.items()}, workers=workers, seed=0,
-                             dtype=torch.float32, device=device),
-           "momentum": {n: torch.zeros_like(p) for n, p in params.items()}}
+    x = torch.randn(samples + test_samples, 3, 32, 32, generator=generator)
+    y = torch.randint(0, 10, (samples + test_samples,), generator=generator)
+    return sim.tasks.custom_task(SYNTHETIC_CIFAR, model=resnet18_cifar, train=(x[:samples], y[:samples]),
+                                 test=(x[samples:], y[samples:]), dtype=dtype)
 
-    def simulated():
-        grads, _, _ = engine.gradients(params, buffers, x, y)  # {name: (W, *shape)}
-        update, box["state"] = agg.aggregate(grads, box["state"], comm)
-        for n, p in params.items():  # SGD, momentum 0.9, after aggregation (as the simulator's optimizer)
-            box["momentum"][n].mul_(0.9).add_(update[n])
-            p.sub_(0.1 * box["momentum"][n])
 
-    floor_params = [p for p in model.parameters()]
-    optimizer = torch.optim.SGD(floor_params, lr=0.1, momentum=0.9)
-    flat_x, flat_y = x.reshape(-1, 3, 32, 32), y.reshape(-1)  # (W*B, ...)
+def sim_run_vs_floor(device: torch.device, workers: int, batch: int, repeats: int,
+                     autocast: str | None = None) -> dict[str, float]:
+    """``sim.run(device=...)`` itself (ResNet-18, W workers of B samples, PowerSGD rank 2, the engine "auto"
+    picks): the median step against one plain SGD step of the same model on the W*B batch, both under the same
+    autocast. The step is timed between steps (``on_step``, the device synchronised); the first step (warm-up)
+    and the last (evaluation) are left out."""
+    sim.tasks.register_task(SYNTHETIC_CIFAR, synthetic_cifar)
+    steps = repeats + 2
+    experiment = sim.Experiment(task=SYNTHETIC_CIFAR, task_options={"samples": workers * batch, "test_samples": 8},
+                                workers=workers, batch_size=batch, steps=steps, lr=0.05, eval_every=0, seed=0,
+                                compressor={"name": "powersgd", "rank": 2}, device=str(device), autocast=autocast)
+    stamps = []
+
+    def on_step(simulation, state):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        stamps.append(time.perf_counter())
+
+    result = sim.run(experiment, on_step=on_step)
+    step_times = [b - a for a, b in zip(stamps[:-2], stamps[1:-1])]  # steps 2 .. steps-1
+
+    model = build(resnet18_cifar, 0, device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    generator = torch.Generator().manual_seed(1)
+    flat_x = torch.randn(workers * batch, 3, 32, 32, generator=generator).to(device)  # (W*B, 3, 32, 32)
+    flat_y = torch.randint(0, 10, (workers * batch,), generator=generator).to(device)
+    context = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
 
     def floor():
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(flat_x), flat_y).backward()
+        with context():
+            loss = F.cross_entropy(model(flat_x), flat_y)
+        loss.backward()
         optimizer.step()
 
-    samples = interleaved({"sim": synchronized(simulated, device), "floor": synchronized(floor, device)},
-                          repeats=repeats, warmup=1)
-    finite = all(bool(torch.isfinite(p).all()) for p in params.values())
-    return {"sim_s": median(samples["sim"]), "floor_s": median(samples["floor"]),
-            "ratio": ratio_of_medians(samples, "sim", "floor"), "finite": finite}
+    samples = interleaved({"floor": synchronized(floor, device)}, repeats=repeats, warmup=1)
+    finite = all(bool(torch.isfinite(p).all()) for p in result.params.values())
+    sim_s, floor_s = median(step_times), median(samples["floor"])
+    return {"sim_s": sim_s, "floor_s": floor_s, "ratio": sim_s / floor_s, "finite": finite,
+            "engine": sim.engine.resolve_engine("auto", model)}
+
+
+def trajectories_agree(device: torch.device, steps: int = TRAJECTORY_STEPS) -> dict[str, object]:
+    """The same small experiment on ``device`` and on the CPU: the largest relative differences of the train loss
+    and of the final parameters (``TRAJECTORY_TOLERANCE``)."""
+    experiment = sim.Experiment(task="digits-mlp", workers=4, steps=steps, eval_every=0, seed=0,
+                                compressor={"name": "powersgd", "rank": 2})
+    on_device, on_cpu = sim.run(experiment.replace(device=str(device))), sim.run(experiment)
+    a, b = on_device.history["train_loss"].to_numpy(), on_cpu.history["train_loss"].to_numpy()
+    loss_diff = float(max(abs(a - b) / abs(b)))
+    difference = sum(float((on_device.params[n].cpu().double() - p.double()).pow(2).sum())
+                     for n, p in on_cpu.params.items())
+    norm = sum(float(p.double().pow(2).sum()) for p in on_cpu.params.values())
+    params_diff = (difference / norm) ** 0.5
+    return {"loss": loss_diff, "params": params_diff,
+            "ok": loss_diff <= TRAJECTORY_TOLERANCE and params_diff <= TRAJECTORY_TOLERANCE}
+
+
+def resumed_run(device: torch.device) -> bool:
+    """A run on ``device`` checkpointed at step 3 and resumed from there ends bitwise where the uninterrupted
+    run ends (the checkpoint is read onto the CPU and its state moved back to the device)."""
+    experiment = sim.Experiment(task="digits-mlp", workers=4, steps=6, eval_every=0, seed=0,
+                                compressor={"name": "powersgd", "rank": 2}, device=str(device))
+    with tempfile.TemporaryDirectory() as folder:
+        full = sim.run(experiment, checkpoint_dir=folder, checkpoint_every=3)
+        resumed = sim.run(experiment, resume_from=os.path.join(folder, "checkpoint-000000003.pt"))
+    return all(torch.equal(resumed.params[n], p) for n, p in full.params.items()) and all(
+        p.device.type == device.type for p in resumed.params.values())
 
 
 # -- 2. our kernel vs torch's hook (inside a 1-process group) --------------------------------------------------
@@ -291,11 +343,29 @@ def main(argv=None) -> dict[str, object]:
     print("gpu-check:", about, flush=True)
     results: dict[str, object] = {"about": about}
 
-    sim = simulator_vs_floor(device, sizes["workers"], sizes["batch"], sizes["repeats"])
-    results[f"gpu_sim_overhead_ratio_resnet18_w{sizes['workers']}"] = round(sim["ratio"], 3)
-    print(table(["simulated step (ResNet-18)", "W", "B", "simulated", "floor", "ratio"],
-                [[str(device), sizes["workers"], sizes["batch"], fmt_ms(sim["sim_s"]), fmt_ms(sim["floor_s"]),
-                  f"{sim['ratio']:.2f}"]]), flush=True)
+    sim_ok, sim_rows = True, []
+    for autocast in (None, "bfloat16") if use_cuda else (None,):  # bf16 on the CPU: tests/test_device.py
+        step = sim_run_vs_floor(device, sizes["workers"], sizes["batch"], sizes["repeats"], autocast)
+        suffix = "_bf16" if autocast else ""
+        results[f"gpu_sim_overhead_ratio_resnet18_w{sizes['workers']}{suffix}"] = round(step["ratio"], 3)
+        if use_cuda:  # the figures the benchmarks name; never written by the CPU fallback
+            results[f"sim_overhead_ratio_w{sizes['workers']}_resnet18_cuda{suffix}"] = round(step["ratio"], 3)
+        sim_ok = sim_ok and step["finite"]
+        sim_rows.append([str(device), autocast or "float32", step["engine"], sizes["workers"], sizes["batch"],
+                         fmt_ms(step["sim_s"]), fmt_ms(step["floor_s"]), f"{step['ratio']:.2f}"])
+    print(table(["sim.run step (ResNet-18)", "precision", "engine", "W", "B", "simulated", "floor", "ratio"],
+                sim_rows), flush=True)
+    agree = trajectories_agree(device)
+    resumed = resumed_run(device)
+    results["gpu_sim_trajectory_vs_cpu_loss_rel_diff"] = agree["loss"]
+    results["gpu_sim_trajectory_vs_cpu_params_rel_diff"] = agree["params"]
+    results["gpu_sim_resume_bitwise"] = resumed
+    sim_ok = sim_ok and agree["ok"] and resumed
+    print(table([f"sim on {device} vs cpu, {TRAJECTORY_STEPS} steps", "loss rel. diff", "params rel. diff",
+                 f"within {TRAJECTORY_TOLERANCE:g}", "resumed run bitwise"],
+                [["digits-mlp, PowerSGD r2", f"{agree['loss']:.2e}", f"{agree['params']:.2e}",
+                  "yes" if agree["ok"] else "NO", "yes" if resumed else "NO"]]), flush=True)
+    sim = {"finite": sim_ok}
 
     backend = "nccl" if use_cuda else "gloo"
     # CUDA: world size 1, and 2 where two GPUs exist; the fallback: 2 gloo processes only (one start-up less)

@@ -80,6 +80,27 @@ def private_generators(seed: int, step: int, comm, rows: int) -> list[torch.Gene
     return [torch.Generator().manual_seed(private_seed(seed, w, step)) for w in workers]
 
 
+def device_generator(device: torch.device, seed: int) -> torch.Generator | None:
+    """A generator on ``device`` seeded with ``seed``, for draws the size of a gradient made where the gradient
+    lives (CUDA's Philox: the same distribution as the CPU's Mersenne Twister, other numbers). None on ``meta``
+    (no values to draw: torch draws there without a generator)."""
+    if device.type == "meta":
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def generators_on(generators: list[torch.Generator], device: torch.device) -> list[torch.Generator | None]:
+    """This step's private generators moved to ``device``, in place (the list is the step's work, shared by
+    its tensors, so each generator moves once per step and then advances on the device). A CPU run keeps its
+    CPU generators: its draws are those of earlier versions, bitwise."""
+    if device.type == "cpu":
+        return generators
+    for i, g in enumerate(generators):
+        if g is None or g.device != device:
+            generators[i] = device_generator(device, g.initial_seed()) if g is not None else None
+    return generators
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Half-precision gradients are compressed in float32 (norms, SVD and sorting are unsafe in fp16)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -23,7 +23,8 @@ import torch
 
 from theory import bits as tbits, operators
 from .base import TheoryClaim, numel
-from .encoding import GatherKernel, compute_dtype, pack_bits, packed_numel, private_generators, unpack_bits
+from .encoding import (GatherKernel, compute_dtype, generators_on, pack_bits, packed_numel, private_generators,
+    unpack_bits)
 from .serialization import register_record
 from .signs import decode_signs, encode_signs
 
@@ -66,9 +67,13 @@ class StochasticQuantizer(GatherKernel):
 
     @staticmethod
     def sample(low: torch.Tensor, p: torch.Tensor, generators) -> torch.Tensor:
-        """(W, d) codes low + [u < p], u ~ U[0, 1) from worker i's generator for row i (float64 on the CPU)."""
-        u = torch.stack([torch.rand(low.shape[1:], generator=g, dtype=torch.float64) for g in generators])
-        return low + (u.to(p.device) < p.double()).to(low.dtype)
+        """(W, d) codes low + [u < p], u ~ U[0, 1) in float64 from worker i's generator for row i, drawn on the
+        gradient's device (``generators_on``: seeded per (seed, worker, step) there too, so a CUDA run draws the
+        same distribution without copying W x d numbers from the host each step)."""
+        generators = generators_on(generators, p.device)
+        u = torch.stack([torch.rand(low.shape[1:], generator=g, dtype=torch.float64, device=p.device)
+                         for g in generators])
+        return low + (u < p.double()).to(low.dtype)
 
     def outcomes(self, flat: torch.Tensor):
         """(W, d) -> (low codes (W, d) int64, p (W, d) of taking low + 1, aux (W, 1) or None)."""

@@ -19,7 +19,7 @@ import torch
 
 from theory import bits as tbits, operators
 from .base import Aggregator, Reduced, TheoryClaim, check_grads, dtype_bits, numel
-from .encoding import GatherKernel, generator_from, shared_generator_state
+from .encoding import GatherKernel, device_generator, generator_from, shared_generator_state
 from .packing import pack, unpack
 from .serialization import register_record
 
@@ -97,8 +97,19 @@ class RandomSparsifier(Aggregator):
             self.sparsity.k_of(shape)  # k > numel fails here, naming k
         return SharedRngState(shared_generator_state(seed if self.seed is None else self.seed))
 
-    def indices(self, d: int, k: int, generator: torch.Generator) -> torch.Tensor:
-        """(k,) coordinates: a uniform k-subset, or a cyclic block at a uniform start."""
+    def indices(self, d: int, k: int, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(k,) coordinates on ``device``: a uniform k-subset, or a cyclic block at a uniform start.
+
+        On the CPU drawn from the shared generator itself. Elsewhere the shared generator draws one seed per
+        tensor and step, and a generator on the device seeded with it draws the coordinates there (no d-sized
+        host work or copy each step): every worker draws the same, and the distribution is the CPU's."""
+        device = torch.device(device)
+        if device.type != "cpu":
+            local = device_generator(device, int(torch.randint(0, 2 ** 62, (1,), generator=generator)))
+            if self.block:
+                start = torch.randint(0, d, (1,), generator=local, device=device)
+                return (start + torch.arange(k, device=device)) % d
+            return torch.randperm(d, generator=local, device=device)[:k]
         if self.block:
             start = torch.randint(0, d, (1,), generator=generator)
             return (start + torch.arange(k)) % d
@@ -110,7 +121,7 @@ class RandomSparsifier(Aggregator):
         chosen, values = {}, {}
         for name, g in grads.items():
             d = numel(tuple(g.shape[1:]))
-            chosen[name] = self.indices(d, self.sparsity.k_of(g.shape[1:]), generator).to(g.device)  # (k,)
+            chosen[name] = self.indices(d, self.sparsity.k_of(g.shape[1:]), generator, g.device)  # (k,)
             values[name] = g.reshape(workers, d)[:, chosen[name]]  # (W, k)
         means: dict[str, torch.Tensor] = {}
         for buffer, layout in pack(values):

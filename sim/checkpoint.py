@@ -3,7 +3,9 @@
     sim.run(experiment, checkpoint_dir="ckpt", checkpoint_every=100)   # checkpoint-000000100.pt, ...
     sim.run(experiment, resume_from="ckpt")                            # continues from the latest valid one
 
-A checkpoint holds everything the loop carries (``TrainState``: parameters, per-worker buffers, optimizer
+Checkpoints are read onto the CPU and their state moved to the resuming run's device (``placed_like``), so a
+run checkpointed on one device resumes on another (``Experiment.device`` is a placement, not part of the
+configuration). A checkpoint holds everything the loop carries (``TrainState``: parameters, per-worker buffers, optimizer
 momentum, the compressor's nested state with error-feedback memory, warm-start factors and generator
 states, cumulative bits, skipped steps, simulated time), the history rows logged so far and the ledger's
 totals. Data order needs nothing: batches are a pure function of (seed, worker, step). So a resumed run's
@@ -382,3 +384,19 @@ def load(path, experiment: Experiment, local_workers: range | None = None, refer
     checkpoint = read(path, experiment, local)
     check_state(checkpoint.state, reference, experiment, f"checkpoint {str(path)!r}")
     return checkpoint
+
+
+def placed_like(loaded: Any, fresh: Any) -> Any:
+    """``loaded`` (a checked state, read onto the CPU) with every tensor moved to the device of its counterpart
+    in ``fresh`` (this run's ``initial_state()``): parameters, buffers, optimizer and compressor state go to the
+    run's device, generator states stay on the CPU where the compressor keeps them. Structures must match
+    (``check_state`` ran first)."""
+    if isinstance(fresh, torch.Tensor):
+        return loaded.to(fresh.device)
+    if isinstance(fresh, tuple) and hasattr(fresh, "_fields"):
+        return type(fresh)(*(placed_like(a, b) for a, b in zip(loaded, fresh)))
+    if isinstance(fresh, (list, tuple)):
+        return type(fresh)(placed_like(a, b) for a, b in zip(loaded, fresh))
+    if isinstance(fresh, dict):
+        return {k: placed_like(loaded[k], fresh[k]) for k in loaded}
+    return loaded

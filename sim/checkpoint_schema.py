@@ -38,7 +38,10 @@ LEDGER_KEYS = ("calls", "total_bits", "records")
 #: Experiment fields added after files of this format were first written, with their defaults: a file without
 #: one was written by a run that behaved as that default (any other absent field is a difference).
 LATER_FIELDS = {f.name: f.default for f in dataclasses.fields(Experiment) if f.name in (
-    "lr_schedule", "lr_poly_power", "weight_decay_exclude", "clip_grad_norm", "validation_fraction")}
+    "lr_schedule", "lr_poly_power", "weight_decay_exclude", "clip_grad_norm", "validation_fraction", "device",
+    "autocast")}
+#: Experiment fields that say where a run computes, not what: a checkpoint resumes whatever they are.
+PLACEMENT_FIELDS = ("device",)
 
 
 class Checkpoint(NamedTuple):
@@ -72,7 +75,8 @@ def _validate(payload: Any, experiment: Experiment, local: range) -> Checkpoint:
     if set(payload) != expected:
         missing = sorted(expected - set(payload))
         extra = sorted(map(str, set(payload) - expected))
-        raise ValueError(f"missing keys {missing} and unexpected keys {extra}; allowed: exactly {sorted(expected)}")
+        raise ValueError(f"missing keys {missing} and unexpected keys {extra} are invalid; allowed: exactly "
+                         f"{sorted(expected)}")
     if payload["checksum"] != digest(body_of(payload)):  # digest refuses odd types and deep nesting itself
         raise ValueError("checksum mismatch: the file was altered or corrupted after it was written")
     saved = from_plain(payload["experiment"], "$.experiment")
@@ -187,9 +191,10 @@ def check_same_experiment(saved: dict[str, Any], experiment: Experiment) -> None
 
 def experiment_differences(saved: dict[str, Any], experiment: Experiment) -> str:
     """'' when equal, else 'differing fields: a, b (a: checkpoint x, experiment y; ...)'."""
-    current = experiment.to_dict()
+    current = {k: v for k, v in experiment.to_dict().items() if k not in PLACEMENT_FIELDS}
+    saved = {k: v for k, v in saved.items() if k not in PLACEMENT_FIELDS}
     # A field added after the file was written is absent from it: that run had the field's default behaviour.
-    saved = {**{k: v for k, v in LATER_FIELDS.items() if k not in saved}, **saved}
+    saved = {**{k: v for k, v in LATER_FIELDS.items() if k in current and k not in saved}, **saved}
     differing = [k for k in sorted(set(saved) | set(current), key=str)
                  if k not in saved or k not in current or not _same(saved[k], current[k])]
     if not differing:

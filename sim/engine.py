@@ -116,15 +116,22 @@ def make_engine(name: str, model: nn.Module, loss) -> VmapEngine | LoopEngine:
 @torch.no_grad()
 def evaluate(model: nn.Module, params: Tensors, buffers: Tensors, x: torch.Tensor, y: torch.Tensor, loss,
              classification: bool, batch: int = 1024) -> tuple[float, float]:
-    """(mean loss, accuracy or NaN) on a held-out set, in eval mode (BatchNorm uses running statistics)."""
+    """(mean loss, accuracy or NaN) on a held-out set, in eval mode (BatchNorm uses running statistics).
+
+    Every batch's loss and correct count stay on the device until one read at the end."""
     model.eval()
-    total_loss, correct = 0.0, 0
+    losses, corrects, sizes = [], [], []
     for start in range(0, len(x), batch):
         xb, yb = x[start:start + batch], y[start:start + batch]
         out = functional_call(model, (params, buffers), (xb,))
-        total_loss += float(loss(out, yb)) * len(xb)
+        losses.append(loss(out, yb).detach().reshape(()).to(torch.float64))
         if classification:
-            correct += int((out.argmax(-1) == yb).sum())
+            corrects.append((out.argmax(-1) == yb).sum().to(torch.float64))
+        sizes.append(len(xb))
     model.train()
-    accuracy = correct / len(x) if classification else float("nan")
+    values = torch.stack(losses + corrects).tolist()  # one transfer; float64 holds every value exactly
+    total_loss = 0.0
+    for value, size in zip(values, sizes):
+        total_loss += value * size
+    accuracy = int(sum(values[len(losses):])) / len(x) if classification else float("nan")
     return total_loss / len(x), accuracy

@@ -22,6 +22,7 @@ from .sharding import SHARDINGS
 from .tasks import TASK_REGISTRY, validate_task
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+AUTOCAST = {None: None, "bfloat16": torch.bfloat16}  # Experiment.autocast -> the dtype of autocast regions
 NONFINITE_POLICIES = ("raise", "skip_step")
 NESTED_FIELDS = ("compressor", "task_options", "optimizer_options")  # tables of options: dotted keys reach inside
 UPDATE_HEADROOM = 1e6  # lr and weight_decay are at most finfo(dtype).max / this (see Experiment._check_step_sizes)
@@ -74,6 +75,13 @@ class Experiment:
     # all-reduce (untracked by the ledger) every measured step. 0: never; real-speed runs should use 0 or large.
     compression_error_every: int = 1
     keep_ledger: bool = False  # keep every ledger record of the run's collective; False: totals only (flat memory)
+    # Where the whole run lives (model, task data, gradients, compressor and optimizer state): any torch device
+    # string, e.g. "cuda", "cuda:1", "cpu"; "meta" runs shapes only (placement tests). Generator states stay on
+    # the CPU. A placement, not part of the configuration: a checkpoint resumes on any device.
+    device: str = "cpu"
+    # None, or "bfloat16": forward and backward under torch.autocast on the run's device; parameters, optimizer,
+    # error-feedback and compressor state stay in ``dtype`` (float32), and compressors see float32 gradients.
+    autocast: str | None = None
 
     def __post_init__(self):
         own = "Experiment"
@@ -112,6 +120,20 @@ class Experiment:
         check_int(own, "compression_error_every", self.compression_error_every, minimum=0)
         if self.network is not None:
             resolve_network(self.network)
+        self._check_placement()
+
+    def _check_placement(self):
+        if not isinstance(self.device, str):
+            raise invalid("Experiment", "device", self.device, 'a torch device string, e.g. "cpu", "cuda", "cuda:1"')
+        try:
+            torch.device(self.device)
+        except (RuntimeError, ValueError):
+            raise invalid("Experiment", "device", self.device, 'a torch device string, e.g. "cpu", "cuda", '
+                          '"cuda:1", "meta"') from None
+        check_choice("Experiment", "autocast", self.autocast, AUTOCAST)
+        if self.autocast is not None and self.dtype != "float32":
+            raise invalid("Experiment", "autocast", self.autocast, f"None with dtype={self.dtype!r} (autocast "
+                          "computes in a 16-bit type around float32 parameters: use dtype='float32')")
 
     def _check_training_options(self):
         """lr_schedule and its options, weight_decay_exclude, clip_grad_norm, validation_fraction."""
@@ -193,6 +215,14 @@ class Experiment:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return AUTOCAST[self.autocast]
 
     def replace(self, **changes) -> "Experiment":
         return dataclasses.replace(self, **changes)

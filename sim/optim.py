@@ -197,17 +197,18 @@ def decay_excluded(names: Iterable[str], patterns: Iterable[str]) -> frozenset[s
     return frozenset(excluded)
 
 
-def clip_by_global_norm(update: Tensors, max_norm: float) -> tuple[Tensors, float]:
-    """(update scaled by min(1, max_norm / (norm + 1e-6)), norm), norm being the 2-norm of all tensors together.
+def clip_by_global_norm(update: Tensors, max_norm: float) -> tuple[Tensors, torch.Tensor]:
+    """(update scaled by min(1, max_norm / (norm + 1e-6)), norm), norm being the 2-norm of all tensors together
+    as a 0-d tensor on their device (read by the caller with its other scalars: no host wait here).
 
     ``torch.nn.utils.clip_grad_norm_``'s arithmetic (its total norm is ``torch.nn.utils.get_total_norm``; the
     scale is clamped at 1 and always applied, a no-op multiplication below the threshold), on a dict of tensors
     and out of place: the aggregator's update may share storage with its state."""
     if not update:
-        return update, 0.0
+        return update, torch.zeros(())
     total = torch.nn.utils.get_total_norm(list(update.values()), 2.0)
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    return {name: u.mul(scale.to(u.device)) for name, u in update.items()}, float(total)
+    return {name: u.mul(scale.to(u.device)) for name, u in update.items()}, total
 
 
 LR_SCHEDULES = ("step", "cosine", "poly")

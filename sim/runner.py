@@ -39,8 +39,9 @@ def run(experiment: Experiment, *, comm=None, local_workers: range | None = None
     sim = simulation if simulation is not None else Simulation(experiment, comm, local_workers)
     rows: list[dict[str, float]] = []
     if resume_from is not None:
-        restored = checkpoint.load(resume_from, experiment, sim.local_workers, reference=sim.initial_state())
-        state, rows = restored.state, list(restored.rows)
+        fresh = sim.initial_state()
+        restored = checkpoint.load(resume_from, experiment, sim.local_workers, reference=fresh)
+        state, rows = checkpoint.placed_like(restored.state, fresh), list(restored.rows)
         checkpoint.restore_ledger(sim.comm.ledger, restored.ledger)
     state = state if state is not None else sim.initial_state()
     started = time.perf_counter()

@@ -311,7 +311,7 @@ def test_sparsifier_unbiased_over_every_outcome(name, d, k):
         for scaled in (True, False):
             agg = everything(name, scaled=scaled, ratio=None, k=k)
             kernel = agg.compressed  # Partition(kernel): no error feedback, no warm-up
-            kernel.indices = lambda d_, k_, g, chosen=chosen: chosen  # this outcome, through the real decoder
+            kernel.indices = lambda d_, k_, g, device="cpu", chosen=chosen: chosen  # this outcome, real decoder
             reduced, _, _ = run_once(agg, {"x": x})
             if scaled:
                 total += reduced.update["x"]

@@ -147,7 +147,9 @@ def observe(rule: Accordion, state: AccordionState, step: int, update: Mapping[s
     accumulated = {name: acc + update[name].to(acc.dtype) for name, acc in state.accumulated.items()}
     if (step + 1) % rule.interval != 0:
         return AccordionState(state.rank, state.previous_norm, accumulated, state.decisions)
-    norm = math.sqrt(sum(float(a.double().pow(2).sum()) for a in accumulated.values()))  # ||Delta_new||
+    squares = [a.double().pow(2).sum() for a in accumulated.values()]
+    # one read of every tensor's square (float64 holds them exactly), summed on the host in the same order
+    norm = math.sqrt(sum(torch.stack(squares).tolist() if squares else []))  # ||Delta_new||
     if state.previous_norm == NO_NORM:
         rank = rule.high_rank  # nothing to compare with yet
     else:

@@ -202,17 +202,19 @@ def _merge(active: dict[str, torch.Tensor], stored: dict[str, torch.Tensor]) -> 
 
 def _grow(factor: torch.Tensor, r_old: int, r_new: int, generator: torch.Generator) -> torch.Tensor:
     """(G, a, capacity): columns r_old..r_new-1 replaced by fresh orthonormal columns orthogonal to columns
-    0..r_old-1. Drawn on the CPU in float64 from the shared generator (identical on every worker)."""
+    0..r_old-1. Drawn on the CPU in float64 from the shared generator (identical on every worker; a factor's
+    size, not a gradient's), then orthogonalized in float64 on the factor's device (no copy to the host)."""
     g, a, _ = factor.shape
     fresh = torch.randn((g, a, r_new - r_old), generator=generator, dtype=torch.float64)  # (G, a, r_new - r_old)
-    kept = factor[..., :r_old].detach().to("cpu", torch.float64)  # (G, a, r_old)
+    fresh = fresh.to(factor.device)
+    kept = factor[..., :r_old].detach().to(torch.float64)  # (G, a, r_old)
     if r_old > 0:
         basis, _ = torch.linalg.qr(kept)  # (G, a, r_old), orthonormal span of the kept columns
         fresh = fresh - basis @ (basis.transpose(-1, -2) @ fresh)  # project the kept span out
         fresh = fresh - basis @ (basis.transpose(-1, -2) @ fresh)  # twice: "twice is enough" (Parlett)
     fresh, _ = torch.linalg.qr(fresh)  # (G, a, r_new - r_old), orthonormal
     out = factor.clone()
-    out[..., r_old:r_new] = fresh.to(dtype=factor.dtype, device=factor.device)
+    out[..., r_old:r_new] = fresh.to(dtype=factor.dtype)
     return out
 
 

@@ -136,6 +136,7 @@ def observe_allocation(rule: SpectralAllocation, state: AllocationState, step: i
     accumulated = {n: a + update[n].to(a.dtype) for n, a in state.accumulated.items()}
     if (step + 1) % rule.every != 0:
         return AllocationState(state.ranks, accumulated)
-    weights = {n: math.sqrt(float(a.double().pow(2).sum())) for n, a in accumulated.items()}  # w_l
+    squares = torch.stack([a.double().pow(2).sum() for a in accumulated.values()]).tolist() if accumulated else []
+    weights = {n: math.sqrt(v) for n, v in zip(accumulated, squares)}  # w_l, from one read of the device
     ranks = allocate(rule, shapes, unit_bits, weights)
     return AllocationState(ranks, {n: torch.zeros_like(a) for n, a in accumulated.items()})

@@ -41,6 +41,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                              "--experiment '{\"workers\": 4, \"steps\": 50}'")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field, e.g. --set steps=100 --set compressor.rank=4 (repeatable)")
+    parser.add_argument("--device", default=None,
+                        help="where each process computes, e.g. --device cuda (the current GPU of each rank; "
+                             "default: the experiment's device, else cpu); the same as --set device=cuda")
     parser.add_argument("--nproc", type=positive_int, default=2,
                         help="processes to spawn when not under torchrun, e.g. --nproc 4 (default 2)")
     parser.add_argument("--workers-per-process", type=positive_int, default=None,
@@ -100,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def launch(args: argparse.Namespace) -> int:
     import_modules(args.imports, "command line", "--import")
-    experiment = load_experiment(args.experiment, dict(parse_assignment(t, many=False) for t in args.set))
+    overrides = dict(parse_assignment(t, many=False) for t in args.set)
+    if args.device is not None:
+        overrides["device"] = args.device
+    experiment = load_experiment(args.experiment, overrides)
     options = checkpointing(args)  # bad checkpoint options fail here, before any process group exists
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun (or any env:// launcher)
         import torch.distributed as dist

@@ -31,6 +31,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field, e.g. --set steps=100 --set compressor.rank=4 "
                              "--set compressor=powersgd:rank=2 --set optimizer_options.eps=1e-6 (repeatable)")
+    parser.add_argument("--device", default=None,
+                        help="where every run computes, e.g. --device cuda or --device cuda:1 (default: the "
+                             "config's device, else cpu); the same as --set device=cuda")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress output at all, e.g. for tests (outside a terminal progress is already "
                              "one line per finished run)")
@@ -71,6 +74,8 @@ def progress_mode(args: argparse.Namespace) -> bool | str:
 
 def _prepare(args: argparse.Namespace):
     overrides = dict(parse_assignment(text, many=False) for text in args.set)
+    if args.device is not None:
+        overrides["device"] = args.device
     config = load_config(args.config, overrides)  # the file's imports must be named by --import (already imported)
     base = config.experiment
     out = Path(args.out) if args.out else Path("results") / Path(args.config).stem

@@ -4,7 +4,8 @@ A module initialises itself in ``__init__`` / ``reset_parameters`` from torch's 
 ``nn.Parameter(torch.randn(...))``, ``nn.MultiheadAttention.in_proj_weight`` and any custom scheme included.
 ``build`` runs the factory inside ``torch.random.fork_rng`` after seeding the forked generator, so the
 parameters are exactly what the module's own code gives for that seed, the same seed gives the same
-parameters, and the caller's global RNG state is restored afterwards (no trace left).
+parameters, and the caller's global RNG state is restored afterwards (no trace left). Only the CPU generator is
+forked and seeded: the module is built on the CPU and then moved, so accelerator generators are never touched.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def build(factory: Callable[[], nn.Module], seed: int | torch.Generator = 0, dev
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"build: seed={seed!r} is invalid; allowed: an integer >= 0 or a torch.Generator")
     with torch.random.fork_rng(devices=[]):  # CPU generator only; restored on exit
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # torch.manual_seed would also reseed every CUDA generator
         module = factory()
     if not isinstance(module, nn.Module):
         raise ValueError(f"build: the model factory returned {type(module).__name__}; allowed: an nn.Module")
