@@ -207,3 +207,40 @@ def assert_resume_is_bitwise(experiment, full, checkpoint_dir):
     pd.testing.assert_frame_equal(resumed.history, full.history, check_exact=True)
     assert_identical_leaves(resumed.extras["final_state"], full.extras["final_state"])
     return resumed
+
+
+# -- small shared workloads ------------------------------------------------------------------------------------
+#: A config file of a 3-step run on a tiny synthetic task (the CLI and sweep tests write it to a folder).
+TINY_CONFIG = """
+task = "synthetic-lowrank"
+workers = 2
+steps = 3
+batch_size = 4
+eval_every = 0
+[task_options]
+dim_in = 6
+dim_out = 4
+samples = 32
+test_samples = 8
+[compressor]
+name = "powersgd"
+rank = 1
+"""
+#: A 4-step run with evaluations, as an Experiment and as a config naming its compressor by a spec.
+SPEC_BASE_OPTIONS = dict(task="synthetic-lowrank", workers=2, steps=4, batch_size=8, lr=0.1, eval_every=2,
+                         task_options={"dim_in": 32, "dim_out": 16, "samples": 64, "test_samples": 16},
+                         compressor={"name": "powersgd", "rank": 1})
+SPEC_CONFIG = """
+task = "synthetic-lowrank"
+workers = 2
+steps = 4
+batch_size = 8
+lr = 0.1
+eval_every = 2
+compressor = "powersgd:rank=1"
+[task_options]
+dim_in = 32
+dim_out = 16
+samples = 64
+test_samples = 16
+"""

@@ -6,32 +6,18 @@ import json
 import os
 import stat
 import sys
-import textwrap
 
 import pytest
 
 import compressors
 import sim
+from reference import TINY_CONFIG
 from sim.cli.main import main
 from sim.cli.arguments import INTERRUPTED
 from sim.workflow.config import load_config
 from sim.tasks import TASK_REGISTRY
 
-TINY = textwrap.dedent("""
-    task = "synthetic-lowrank"
-    workers = 2
-    steps = 3
-    batch_size = 4
-    eval_every = 0
-    [task_options]
-    dim_in = 6
-    dim_out = 4
-    samples = 32
-    test_samples = 8
-    [compressor]
-    name = "powersgd"
-    rank = 1
-""")
+TINY = TINY_CONFIG
 
 
 def config_file(tmp_path, text: str = TINY, name: str = "tiny.toml"):

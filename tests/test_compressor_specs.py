@@ -7,27 +7,13 @@ import pytest
 
 import compressors
 import sim
+from reference import SPEC_BASE_OPTIONS, SPEC_CONFIG
 from compressors.spec import parse_spec, spec_label, split_specs
 from sim.cli.main import main
 from sim.workflow.config import apply_overrides, from_mapping, parse_assignment
 
-BASE = sim.Experiment(task="synthetic-lowrank", workers=2, steps=4, batch_size=8, lr=0.1, eval_every=2,
-                      task_options={"dim_in": 32, "dim_out": 16, "samples": 64, "test_samples": 16},
-                      compressor={"name": "powersgd", "rank": 1})
-TOML = """
-task = "synthetic-lowrank"
-workers = 2
-steps = 4
-batch_size = 8
-lr = 0.1
-eval_every = 2
-compressor = "powersgd:rank=1"
-[task_options]
-dim_in = 32
-dim_out = 16
-samples = 64
-test_samples = 16
-"""
+BASE = sim.Experiment(**SPEC_BASE_OPTIONS)
+TOML = SPEC_CONFIG
 
 
 @pytest.mark.parametrize("text, spec", [

@@ -4,27 +4,13 @@ the same name, and a diverged run ends the command line with one line, not a tra
 from __future__ import annotations
 
 import os
-import textwrap
 
 import sim
+from reference import TINY_CONFIG
 from sim.cli.main import main
 from sim.workflow.store import exclusive, load_results
 
-TINY = textwrap.dedent("""
-    task = "synthetic-lowrank"
-    workers = 2
-    steps = 3
-    batch_size = 4
-    eval_every = 0
-    [task_options]
-    dim_in = 6
-    dim_out = 4
-    samples = 32
-    test_samples = 8
-    [compressor]
-    name = "powersgd"
-    rank = 1
-""")
+TINY = TINY_CONFIG
 
 
 def one_line(capsys) -> str:

@@ -11,30 +11,16 @@ from pathlib import Path
 import pytest
 
 import sim
+from reference import SPEC_BASE_OPTIONS, SPEC_CONFIG
 from sim.cli.main import main
 from sim.workflow import sweep as sweep_module
 from sim.workflow.store import CHECKPOINTS, RECORD, ResultsStore
 from sim.workflow.sweep import SweepError, check_shard
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = sim.Experiment(task="synthetic-lowrank", workers=2, steps=4, batch_size=8, lr=0.1, eval_every=2,
-                      task_options={"dim_in": 32, "dim_out": 16, "samples": 64, "test_samples": 16},
-                      compressor={"name": "powersgd", "rank": 1})
+BASE = sim.Experiment(**SPEC_BASE_OPTIONS)
 GRID = {"compressor": ["identity", "powersgd:rank=2"]}
-TOML = """
-task = "synthetic-lowrank"
-workers = 2
-steps = 4
-batch_size = 8
-lr = 0.1
-eval_every = 2
-compressor = "powersgd:rank=1"
-[task_options]
-dim_in = 32
-dim_out = 16
-samples = 64
-test_samples = 16
-"""
+TOML = SPEC_CONFIG
 
 
 @pytest.fixture(scope="module")
