@@ -199,7 +199,7 @@ def test_hook_state_numbers_and_tensors_are_checked(case):
 
 def test_ranks_are_at_least_one_and_seeds_within_64_bits():
     shapes = {"w": (4, 5)}
-    adaptive = compressors.make("powersgd", adaptive={"rule": "accordion", "low_rank": 1, "high_rank": 2,
+    adaptive = compressors.make("powersgd", adaptive={"rule": "accordion-global", "low_rank": 1, "high_rank": 2,
                                                       "interval": 2, "threshold": 0.5})
     fresh = adaptive.init(shapes, workers=1, seed=0)
     check_values(from_plain(to_plain(fresh)), fresh, 0)
@@ -207,6 +207,12 @@ def test_ranks_are_at_least_one_and_seeds_within_64_bits():
         check_values(_replace_record(fresh, "AccordionState", rank=-5), fresh, 0)
     with pytest.raises(ValueError, match=r"decisions: 9 is invalid; allowed: a step count within the run"):
         check_values(_replace_record(fresh, "AccordionState", decisions=9), fresh, 5)
+    per_layer = compressors.make("powersgd", adaptive={"rule": "accordion", "low_rank": 1, "high_rank": 2,
+                                                       "interval": 2, "threshold": 0.5})
+    fresh = per_layer.init({"w": (32, 24)}, workers=1, seed=0)  # big enough to be compressed: a rank per layer
+    check_values(from_plain(to_plain(fresh)), fresh, 0)
+    with pytest.raises(ValueError, match=r"ranks.w: -5 is invalid; allowed: a rank, in \[1, "):
+        check_values(_replace_record(fresh, "AccordionLayersState", ranks={"w": -5}), fresh, 0)
     qsgd = compressors.make("qsgd")
     fresh = qsgd.init(shapes, workers=1, seed=0)
     assert any(type(s).__name__ == "PrivateRngState" for s in _records(fresh))

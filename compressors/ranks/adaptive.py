@@ -176,7 +176,7 @@ def observe_layers(rule: AccordionLayers, state: AccordionLayersState, grads: Ma
     if step % rule.interval == 0 and accumulated:
         names = list(accumulated)
         local = torch.stack([accumulated[n].flatten(1).norm(dim=1) for n in names], dim=1)  # (k, L): ||G_il||
-        norms = [float(v) for v in comm.all_reduce_mean(local, tag="accordion")]  # N_l, identical on every worker
+        norms = comm.all_reduce_mean(local, tag="accordion").tolist()  # N_l, identical on every worker: one read
         ranks = {}
         for n, norm in zip(names, norms):
             first = state.previous_norms[n] == NO_NORM  # nothing to compare with yet
