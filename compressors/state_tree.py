@@ -74,3 +74,15 @@ def float_leaves(tree, path: str = ""):
         return
     for key, value in items:
         yield from float_leaves(value, f"{path}.{key}" if path else str(key))
+
+
+def tensor_leaves(tree) -> Iterator[torch.Tensor]:
+    """Every tensor of a nested state, in order (records, dicts, lists, tuples; any dtype, any device)."""
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from tensor_leaves(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from tensor_leaves(value)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 import compressors
+import sim
 from compressors.powersgd import PowerSGDState, group_by_matrix_shape
 
 
@@ -244,3 +245,8 @@ dim_out = 16
 samples = 64
 test_samples = 16
 """
+#: A 6-step run checkpointed every 2 steps by the ``written`` fixture (tests/conftest.py).
+CHECKPOINTED = sim.Experiment(task="synthetic-lowrank", task_options={"dim_in": 12, "dim_out": 10, "samples": 64,
+                                                                       "test_samples": 8},
+                              workers=2, steps=6, batch_size=4, eval_every=3,
+                              compressor={"name": "powersgd", "rank": 2}, seed=1)

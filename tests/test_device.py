@@ -9,7 +9,7 @@ import torch
 import compressors
 import sim
 from compressors.placement import PlacementCheck
-from compressors.state_tree import float_leaves
+from compressors.state_tree import float_leaves, tensor_leaves
 from sim.cli.runs import add_run
 from sim.models import build
 from sim.workflow.config import from_mapping
@@ -86,19 +86,9 @@ def test_a_checkpoint_resumes_onto_the_runs_device_with_generator_states_on_the_
     assert state.step == 4
     assert all(p.device.type == "meta" for p in state.params.values())
     assert all(t.device.type == "meta" for _, t in float_leaves(state.aggregator))
-    generators = [t for t in _tensors(state.aggregator) if t.dtype == torch.uint8]
+    generators = [t for t in tensor_leaves(state.aggregator) if t.dtype == torch.uint8]
     assert generators and all(t.device.type == "cpu" for t in generators)
 
-
-def _tensors(tree):
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            yield from _tensors(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from _tensors(v)
 
 
 def test_bf16_autocast_keeps_state_float32_and_compressors_see_float32_gradients():

@@ -4,7 +4,6 @@ new files are never written through a planted symbolic link; JSON nesting is bou
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import warnings
 from pathlib import Path
@@ -12,27 +11,13 @@ from pathlib import Path
 import pytest
 
 import sim
+from reference import CHECKPOINTED as EXPERIMENT
 from sim import checkpoint
 from sim.workflow.config import load_config
 from sim.workflow.store import read_record
 from sim.workflow.sweep import resume_options
 
-TINY = {"dim_in": 12, "dim_out": 10, "samples": 64, "test_samples": 8}
-EXPERIMENT = sim.Experiment(task="synthetic-lowrank", task_options=TINY, workers=2, steps=6, batch_size=4,
-                            eval_every=3, compressor={"name": "powersgd", "rank": 2}, seed=1)
 
-
-@pytest.fixture(scope="module")
-def written(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("written")  # valid checkpoints at steps 4 and 6
-    sim.run(EXPERIMENT, checkpoint_dir=directory, checkpoint_every=2)
-    return directory
-
-
-@pytest.fixture
-def copy(written, tmp_path) -> Path:
-    shutil.copytree(written, tmp_path / "ckpt")
-    return tmp_path / "ckpt"
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ allocating nothing for it; in a checkpoint directory the next older valid checkp
 from __future__ import annotations
 
 import io
-import shutil
 import warnings
 from pathlib import Path
 
@@ -15,27 +14,14 @@ import torch
 
 import compressors
 import sim
+from reference import CHECKPOINTED as EXPERIMENT
+from compressors.state_tree import iter_states
 from compressors.serialization import check_tensor, check_values, digest, from_plain, to_plain
 from sim import checkpoint
 from sim.checkpoint_schema import body_of
 
-TINY = {"dim_in": 12, "dim_out": 10, "samples": 64, "test_samples": 8}
-EXPERIMENT = sim.Experiment(task="synthetic-lowrank", task_options=TINY, workers=2, steps=6, batch_size=4,
-                            eval_every=3, compressor={"name": "powersgd", "rank": 2}, seed=1)
 TIB = 2**40
 
-
-@pytest.fixture(scope="module")
-def written(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("written")  # valid checkpoints at steps 4 and 6
-    sim.run(EXPERIMENT, checkpoint_dir=directory, checkpoint_every=2)
-    return directory
-
-
-@pytest.fixture
-def copy(written, tmp_path) -> Path:
-    shutil.copytree(written, tmp_path / "ckpt")
-    return tmp_path / "ckpt"
 
 
 def _rewrite(path: Path, mutate) -> None:
@@ -215,23 +201,11 @@ def test_ranks_are_at_least_one_and_seeds_within_64_bits():
         check_values(_replace_record(fresh, "AccordionLayersState", ranks={"w": -5}), fresh, 0)
     qsgd = compressors.make("qsgd")
     fresh = qsgd.init(shapes, workers=1, seed=0)
-    assert any(type(s).__name__ == "PrivateRngState" for s in _records(fresh))
+    assert any(type(s).__name__ == "PrivateRngState" for s in iter_states(fresh))
     check_values(_replace_record(fresh, "PrivateRngState", seed=2**64 - 1), fresh, 0)
     with pytest.raises(ValueError, match="a seed within 64 bits"):
         check_values(_replace_record(fresh, "PrivateRngState", seed=2**64), fresh, 0)
 
-
-def _records(tree):
-    if hasattr(tree, "_fields"):
-        yield tree
-        for v in tree:
-            yield from _records(v)
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            yield from _records(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from _records(v)
 
 
 def _replace_record(tree, name, **changes):

@@ -20,6 +20,7 @@ import torch
 
 from ..base import Aggregator
 from ..serialization import check_same_structure, check_values, digest, from_plain, to_plain
+from ..state_tree import tensor_leaves
 
 FORMAT_VERSION = 3  # 3: adds ``steps`` (optimizer steps committed, for warm-up counting after a resume)
 _HOOK_KEYS = ("format_version", "seed", "calls", "steps", "buckets", "checksum")
@@ -91,7 +92,7 @@ def _checked_bucket(bucket: Any, where: str, aggregator: Aggregator, seed: int, 
         raise _hook_error(f"{where}.shapes declare {declared} elements; allowed: at most {MAX_BUCKET_ELEMENTS}")
     try:
         state = from_plain(bucket["state"], f"{where}.state")  # every tensor checked before it is read
-        like = next((t for t in _tensors(state) if t.is_floating_point()), torch.empty(0))
+        like = next((t for t in tensor_leaves(state) if t.is_floating_point()), torch.empty(0))
         fresh = aggregator.init({n: tuple(s) for n, s in zip(names, shapes)}, workers=1, seed=seed, dtype=like.dtype,
                                 device="meta")  # shapes only: nothing allocated for the declared sizes
         check_same_structure(state, fresh, f"{where}.state")
@@ -100,14 +101,3 @@ def _checked_bucket(bucket: Any, where: str, aggregator: Aggregator, seed: int, 
         raise _hook_error(str(error)) from None
     return (tuple(key) if named else key), {"shapes": tuple(tuple(s) for s in shapes), "params": None, "state": state}
 
-
-def _tensors(tree):
-    """Every tensor of a nested state, in order (records, dicts, lists, tuples)."""
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            yield from _tensors(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from _tensors(v)
