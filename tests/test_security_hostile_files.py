@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -23,28 +22,11 @@ import torch
 import compressors
 import sim
 from compressors.serialization import LEGACY_TAG, RECORD, digest
+from reference import CHECKPOINTED as EXPERIMENT  # its written/copy fixtures: tests/conftest.py
 from sim import checkpoint
 from sim.checkpoint_schema import KEYS, body_of
 
-TINY = {"dim_in": 12, "dim_out": 10, "samples": 64, "test_samples": 8}
-EXPERIMENT = sim.Experiment(task="synthetic-lowrank", task_options=TINY, workers=2, steps=6, batch_size=4,
-                            eval_every=3, compressor={"name": "powersgd", "rank": 2}, seed=1)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def written(tmp_path_factory) -> Path:
-    """A directory with this experiment's valid checkpoints at steps 4 and 6 (whole run: 2 workers, 1 process)."""
-    directory = tmp_path_factory.mktemp("written")
-    sim.run(EXPERIMENT, checkpoint_dir=directory, checkpoint_every=2)
-    return directory
-
-
-@pytest.fixture
-def copy(written, tmp_path) -> Path:
-    target = tmp_path / "ckpt"
-    shutil.copytree(written, target)
-    return target
 
 
 def _payloads(marker: Path) -> dict[str, dict]:
