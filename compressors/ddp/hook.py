@@ -257,11 +257,17 @@ class HookState:
 
     def _assemble(self, bucket: "BucketView", update: dict[str, torch.Tensor], order: list[str]) -> torch.Tensor:
         buffer = bucket.buffer
-        flat = torch.cat([update[name].reshape(-1).to(buffer.dtype) for name in order])  # (total,)
-        if flat.numel() != buffer.numel():
+        pieces = [update[name].reshape(-1).to(buffer.dtype) for name in order]
+        total = sum(piece.numel() for piece in pieces)
+        if total != buffer.numel():
             raise HookUsageError(f"ddp_comm_hook: bucket {bucket.index} holds {buffer.numel()} elements but its "
-                                 f"gradients {flat.numel()}: DDP's bucket layout is not the concatenation assumed")
-        return flat
+                                 f"gradients {total}: DDP's bucket layout is not the concatenation assumed")
+        # Into the bucket's own buffer, as torch's hooks write their results (its gradients were read by now):
+        # no new bucket-sized block each step. A piece that shares the buffer's memory (none of the registered
+        # compressors returns one) gets a fresh result instead, since cat cannot write over its own input.
+        storage = buffer.untyped_storage().data_ptr()
+        shares = any(piece.untyped_storage().data_ptr() == storage for piece in pieces)
+        return torch.cat(pieces) if shares else torch.cat(pieces, out=buffer)  # (total,)
 
     def _decide(self, bucket: "BucketView", flags: FlagCollective, result_bad, result, new_states) -> torch.Tensor:
         """The bucket's result after the one host sync: NaN if any rank flagged it; a failure here that no
