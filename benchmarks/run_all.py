@@ -56,17 +56,38 @@ def verdicts(metrics: dict[str, float]) -> list[list[object]]:
     return rows
 
 
-def write_markdown(about: dict[str, object], tables: dict[str, str], rows: list[list[object]]) -> None:
-    section = [BEGIN, "", "Machine: " + ", ".join(f"{k} {v}" for k, v in about.items()), "",
-               table(["metric", "value", "target", ""], rows), ""]
-    for name, text in tables.items():
-        section += [f"#### {name}", "", text, ""]
-    section.append(END)
+def results_sections(text: str) -> dict[str, str]:
+    """The ``#### name`` tables of the results section in ``text`` (name -> table text)."""
+    if BEGIN not in text or END not in text:
+        return {}
+    body = text.split(BEGIN, 1)[1].split(END, 1)[0]
+    sections = {}
+    for chunk in body.split("\n#### ")[1:]:
+        name, _, rest = chunk.partition("\n")
+        sections[name.strip()] = rest.strip("\n")
+    return sections
+
+
+def write_markdown(about: dict[str, object], tables: dict[str, str], rows: list[list[object]],
+                   partial: list[str] | None = None) -> None:
+    """Rewrite the results section. A partial run (``partial``: the benchmarks it ran) keeps the other
+    benchmarks' tables and the full run's machine line, and says which tables it replaced, on what machine."""
     text = open(MARKDOWN).read() if os.path.exists(MARKDOWN) else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
         text += f"\n{BEGIN}\n{END}\n"
     head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
+    old_body, tail = rest.split(END, 1)
+    machine_line = "Machine: " + ", ".join(f"{k} {v}" for k, v in about.items())
+    lines = [machine_line]
+    if partial:
+        kept = [line for line in old_body.splitlines() if line.startswith(("Machine:", "Partial run"))]
+        others = [line for line in kept if not line.startswith(f"Partial run (--only {' '.join(partial)})")]
+        lines = others + [f"Partial run (--only {' '.join(partial)}): {machine_line[len('Machine: '):]}"]
+        tables = {**results_sections(text), **tables}
+    section = [BEGIN, ""] + [line + "\n" for line in lines] + [table(["metric", "value", "target", ""], rows), ""]
+    for name, body in tables.items():
+        section += [f"#### {name}", "", body, ""]
+    section.append(END)
     with open(MARKDOWN, "w") as f:
         f.write(head + "\n".join(section) + tail)
 
@@ -99,8 +120,7 @@ def main(argv=None) -> dict[str, float]:
         json.dump(metrics, f, indent=1, sort_keys=True)
     rows = verdicts(metrics)
     print(table(["metric", "value", "target", ""], rows))
-    if not args.only:
-        write_markdown(about, tables, rows)
+    write_markdown(about, tables, rows, partial=args.only)
     return metrics
 
 

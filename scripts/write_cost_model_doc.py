@@ -152,17 +152,6 @@ def concurrent_local_step_samples(experiment, nproc: int, skip: int = SKIP_STEPS
     return [t for samples in runs for t in samples]
 
 
-def expected_slowest(samples: list[float], p: int) -> float:
-    """E[max of p independent draws] from the empirical distribution of ``samples``: a synchronous step
-    waits for its slowest worker (Dutta et al., "Slow and Stale Gradients Can Win the Race", AISTATS 2018).
-
-        E[max] = sum_i x_(i) ((i/n)^p - ((i-1)/n)^p),   x_(1) <= ... <= x_(n)
-
-    p = 1 gives the mean; on a quiet machine (tight distribution) it is close to the median."""
-    ordered, n = sorted(samples), len(samples)
-    return sum(x * ((i / n) ** p - ((i - 1) / n) ** p) for i, x in enumerate(ordered, start=1))
-
-
 class _CountingCollective:
     """A ``VirtualCollective`` that also offers the untracked diagnostics of a real collective
     (``average_metric``, ``average_untracked``), so ``sim.run``'s loop issues them, and records each one."""
@@ -215,6 +204,7 @@ def predict_real_step(experiment, network, nproc: int, cores: int, compute_cache
     the real runs); default: measured here by ``concurrent_local_step_samples``."""
     from sim.cost import measure_codec, measure_compute, step_time
     from sim.cost.whatif import probe_ledger
+    from sim.real.forecast import expected_slowest
     from sim.simulation import Simulation
 
     threads = threads_per_process(nproc, cores)

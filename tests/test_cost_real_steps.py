@@ -16,6 +16,7 @@ import pytest
 
 import sim
 from sim.cost import Network
+from sim.real.forecast import expected_slowest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "write_cost_model_doc.py"
 
@@ -71,11 +72,11 @@ def test_diagnostic_records_and_cpu_share():
 def test_expected_slowest_matches_order_statistics():
     doc = _script()
     samples = [1.0, 2.0, 3.0, 4.0]
-    assert doc.expected_slowest(samples, 1) == pytest.approx(2.5)  # p = 1: the mean
+    assert expected_slowest(samples, 1) == pytest.approx(2.5)  # p = 1: the mean
     # p = 2 by enumeration of all 16 ordered pairs of draws
-    assert doc.expected_slowest(samples, 2) == pytest.approx(sum(max(a, b) for a in samples for b in samples) / 16)
-    assert doc.expected_slowest([3.0] * 5, 4) == pytest.approx(3.0)  # no spread: no straggler penalty
-    assert doc.expected_slowest(samples, 8) <= max(samples)
+    assert expected_slowest(samples, 2) == pytest.approx(sum(max(a, b) for a in samples for b in samples) / 16)
+    assert expected_slowest([3.0] * 5, 4) == pytest.approx(3.0)  # no spread: no straggler penalty
+    assert expected_slowest(samples, 8) <= max(samples)
 
 
 def test_add_sync_fits_on_identity_runs_only_and_prices_every_run():

@@ -126,8 +126,8 @@ def test_the_link_is_refused_with_nccl():
 
 # -- the forecast ----------------------------------------------------------------------------------------------
 from sim.cost.network import Network  # noqa: E402
-from sim.real.forecast import (Forecast, evaluations_until, forecast, one_step_records, price_comm,  # noqa: E402
-                               steps_to)
+from sim.real.forecast import (Forecast, evaluations_until, expected_slowest, fit_sync, forecast,  # noqa: E402
+                               one_step_records, price_comm, steps_to, with_wall_clock)
 
 SMALL = sim.Experiment(task="digits-mlp", workers=2, steps=8, eval_every=2, compression_error_every=0,
                        compressor={"name": "powersgd", "rank": 2})
@@ -152,11 +152,42 @@ def test_the_prediction_is_steps_times_the_priced_step():
     # The step's collectives: PowerSGD's P and Q all-reduces (+ the exact one for the biases) and two votes.
     records = one_step_records(SMALL)
     assert [r.op for r in records] == ["all_reduce"] * len(records) and len(records) >= 2
-    assert f.comm_seconds == pytest.approx(price_comm(network, records, SMALL.workers))
+    assert (f.comm_seconds, f.collectives) == pytest.approx(price_comm(network, records, SMALL.workers))
     by_hand = sum(network.time(r.op, r.bits / 8, 2) for r in records) + 2 * network.time("all_reduce", 16, 2)
-    assert f.comm_seconds == pytest.approx(by_hand)
+    assert f.comm_seconds == pytest.approx(by_hand) and f.collectives == len(records) + 2
     assert f.predicted_seconds == pytest.approx(2 * (f.compute_seconds + f.comm_seconds) + 1 * f.eval_seconds)
     assert f.measured_seconds is None and f.relative_error is None
+    # sync: every collective of the step pays it once more
+    synced = f.with_sync(2e-3)
+    assert synced.step_seconds == pytest.approx(f.step_seconds + 2e-3 * f.collectives)
+    assert synced.network.sync == 2e-3 and synced.with_sync(0.0).step_seconds == pytest.approx(f.step_seconds)
+    with pytest.raises(ValueError, match="sync"):
+        f.with_sync(-1.0)
+
+
+def test_fit_sync_recovers_the_per_collective_cost_from_measured_steps():
+    from dataclasses import replace
+
+    network = Network(alpha=1e-3, bandwidth=1e6, algorithm="ring")
+    base = forecast(SMALL, target=0.0, nproc=2, network=network)
+    runs = [replace(base, collectives=c, measured_step_seconds=base.step_seconds + 1.5e-3 * c) for c in (3, 5)]
+    assert fit_sync(runs) == pytest.approx(1.5e-3, rel=1e-9)
+    with pytest.raises(ValueError, match="measure=True"):
+        fit_sync([base])
+
+
+def test_the_wall_clock_column_adds_up_the_stamped_steps():
+    import pandas as pd
+
+    history = pd.DataFrame({"step": [1, 2, 4], "test_accuracy": [0.1, 0.2, 0.3]})
+    timed = with_wall_clock(history, [0.2, 0.1, 0.4])  # steps 2, 3, 4; step 1 counts as the median (0.2)
+    assert timed["seconds"].tolist() == pytest.approx([0.2, 0.4, 0.9])
+
+
+def test_the_slowest_of_p_ranks_is_the_mean_for_one_and_grows_with_p():
+    samples = [1.0, 2.0, 3.0, 4.0]
+    assert expected_slowest(samples, 1) == pytest.approx(2.5)
+    assert expected_slowest(samples, 1) < expected_slowest(samples, 2) < expected_slowest(samples, 4) <= 4.0
 
 
 def test_forecast_arguments_are_validated_before_any_run():
@@ -174,6 +205,8 @@ def test_a_measured_forecast_runs_the_real_processes_over_the_link():
     assert isinstance(f, Forecast) and f.link == "50mbit"
     assert f.real_steps_to_target == f.steps_to_target == 2  # the real run follows the simulated trajectory
     assert f.measured_seconds > 0 and f.relative_error is not None
+    seconds = f.measured_history.set_index("step")["seconds"]
+    assert seconds.is_monotonic_increasing and f.measured_seconds == seconds[f.real_steps_to_target]
 
 
 def test_the_command_lines_refuse_a_bad_rate_in_one_line(capsys):
