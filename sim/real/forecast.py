@@ -27,8 +27,8 @@ The prediction multiplies two things the simulator knows without running the rea
 The network: ``network`` (e.g. saved by ``python -m sim calibrate --link 100mbit``), or, by default, a
 calibration run now on the shaped link with ``nproc`` processes (about a minute).
 
-Caveats (what the model does not see): ranks sharing this machine's cores with each other and with anything
-else, TCP slow start after idle gaps, and the token bucket's burst (messages under it pass at loopback speed:
+Caveats (what the model does not see): load that changes between the local-work measurement and the real run,
+how the ranks' collectives interleave with each other's computation, TCP slow start after idle gaps, and the token bucket's burst (messages under it pass at loopback speed:
 the calibration's knee). Set ``compression_error_every=0`` in experiments meant to be timed: measuring the
 compression error costs an uncompressed all-reduce per step on real processes.
 """
