@@ -568,6 +568,16 @@ all-reduces per step were batched into 2 earlier (`Simulation._average_many`,
 shared 2-core VM) move by 10-25% between runs of this script; the real steps' held-out median error was
 12.4%, 19.7% and 10.6% in three runs while this section was developed, the collectives' 19-23%.
 
+## On a real slow link: the forecast of time to accuracy
+
+The model above is checked on the bare loopback (about 10 Gbit/s here). On a link where compression matters it
+is checked end to end by `sim.forecast` over a real shaped link (a network namespace whose loopback is limited
+by a token bucket, `link="100mbit"`): predicted seconds to a target accuracy (steps from the simulator x the step
+priced on the link's calibration plus measured local work) beside the real runs' wall-clock. The validation
+table (2 models x 2 and 4 ranks x 100 Mbit/s and 1 Gbit/s x exact, PowerSGD rank 1/2/4 and top-k) is in
+docs/shaped_link.md; reproduce it as root with `python -m benchmarks.run_all --only shaped_link` (about 55
+minutes on 2 cores; every run's components are written to `benchmarks/shaped_link_runs.csv`).
+
 ## What-if: the paper's ResNet-18 (V100 fp32 compute, 128 images per worker)
 
 `python -m sim whatif --model resnet18_cifar --rank 1 2 4 --workers 4 16 64 --network ethernet-1g
